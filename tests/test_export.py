@@ -227,7 +227,7 @@ def test_export_leaves_no_temp_folders(exported_with_past):
 def test_export_without_past(hf_model_dir, tmp_path):
     output_dir = export_model(hf_model_dir, tmp_path / "no-past", with_past=False, progress=False)
     inputs, _ = graph_io_names(output_dir)
-    ort_model = ORTModelForCausalLM.from_pretrained(output_dir)
+    ort_model = ORTModelForCausalLM.from_pretrained(output_dir, use_cache=False)
     ids = torch.tensor(PROMPT)
 
     generated = ort_model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)

@@ -99,6 +99,10 @@ def export_model(
         opset: the ONNX opset version.
         with_past: export ``text-generation-with-past`` (inputs and outputs
             for the key/value cache) if true, ``text-generation`` otherwise.
+            Load an export without past with
+            ``ORTModelForCausalLM.from_pretrained(output_dir, use_cache=False)``,
+            because optimum-onnx 0.1.0 defaults to ``use_cache=True`` and its
+            forward() then raises a ValueError.
         dtype: the float type of the export: "fp32", "fp16" or "bf16".
         progress: show a tqdm bar over the stages (load, save, export).
         overwrite: replace an existing non-empty ``output_dir``.
@@ -250,25 +254,6 @@ def _run_optimum_export(model_dir: Path, onnx_dir: Path, *, task: str, opset: in
     )
     if not (onnx_dir / "model.onnx").is_file():
         raise RuntimeError(f"Optimum finished but wrote no model.onnx into {onnx_dir}.")
-    if task == TASK_WITHOUT_PAST:
-        _disable_cache_in_generation_config(onnx_dir)
-
-
-def _disable_cache_in_generation_config(onnx_dir: Path) -> None:
-    """Make generate() run a model exported without past key values.
-
-    GenerationConfig defaults to use_cache=True, and optimum-onnx 0.1.0's
-    ORTModelForCausalLM raises a ValueError when a model without cache
-    inputs is asked to use the cache.
-    """
-    from transformers import GenerationConfig
-
-    try:
-        generation_config = GenerationConfig.from_pretrained(onnx_dir, local_files_only=True)
-    except OSError:
-        generation_config = GenerationConfig()
-    generation_config.use_cache = False
-    generation_config.save_pretrained(onnx_dir)
 
 
 def _move_into_place(new_dir: Path, output_dir: Path) -> None:
@@ -278,7 +263,7 @@ def _move_into_place(new_dir: Path, output_dir: Path) -> None:
         return
 
     # The old folder is renamed aside first and deleted only after the new
-    # one is in place, so an interruption never leaves neither of them.
+    # one is in place, so an interruption leaves the old or the new export.
     old_dir = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.old-", dir=output_dir.parent))
     old_dir.rmdir()
     output_dir.rename(old_dir)

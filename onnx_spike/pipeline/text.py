@@ -349,6 +349,8 @@ class _ClozeCandidate:
     space_offset: int  # offset of the space before the word in the play's text
 
 
+# Act and scene headings such as "Scene I. Elsinore. A platform before the Castle."
+_HEADING = re.compile(r"^\s*(ACT|Act|SCENE|Scene) [IVXLC]+\b")
 # The last word of a line: letters with optional inner apostrophes
 # ("perform'd"), preceded by a space and followed only by punctuation.
 _LAST_WORD = re.compile(r" ([A-Za-z]+(?:'[A-Za-z]+)*)[.,;:!?]*(?:--)?$")
@@ -360,7 +362,7 @@ def find_cloze_candidates(
     """List every line of spoken text whose last word can be a cloze target, in text order.
 
     Skipped lines: stage directions (text within ``[...]``, across lines),
-    lines in capitals (act and scene headings), lines with fewer than
+    act and scene headings, lines in capitals, lines with fewer than
     ``min_line_words`` words (speaker labels such as "Ham."), and lines whose
     last word is shorter than ``min_word_chars`` letters or followed by other
     characters than ``.,;:!?`` and "--".
@@ -381,7 +383,7 @@ def find_cloze_candidates(
                 continue
             if in_direction:
                 continue
-            if line.isupper() or len(line.split()) < min_line_words:
+            if line.isupper() or _HEADING.match(line) or len(line.split()) < min_line_words:
                 continue
 
             match = _LAST_WORD.search(line)
