@@ -29,9 +29,13 @@ class SpikeRule(pattern.RewriteRuleClassBase):
         """Return a reason to reject this candidate, or None to accept it."""
         return None
 
+    def find_anchor(self, nodes) -> ir.Node | None:
+        """The node that identifies the site among the matched nodes."""
+        return anchor_of(nodes, self.kind)
+
     def check(self, context, **bindings) -> pattern.MatchResult:
         result = pattern.MatchResult()
-        anchor = anchor_of(context.nodes, self.kind)
+        anchor = self.find_anchor(context.nodes)
         if anchor is None:
             return result.fail("no anchor node in the match")
         name = node_name(anchor)

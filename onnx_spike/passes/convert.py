@@ -32,6 +32,15 @@ METADATA_KEY = "onnx_spike"
 RULE_MODULES = {"softmax": [softmax], "silu": [silu], "rmsnorm": [norm], "layernorm": [norm], "gelu": [gelu]}
 
 
+# Attention ops that compute their Softmax internally (ONNX opset 23 and onnxruntime contrib
+# ops). No rule can reach that Softmax, so each such node is reported as a skipped softmax site.
+FUSED_ATTENTION = {("", "Attention"), ("com.microsoft", "Attention"), ("com.microsoft", "MultiHeadAttention"),
+                   ("com.microsoft", "GroupQueryAttention"), ("com.microsoft", "PackedAttention"),
+                   ("com.microsoft", "PackedMultiHeadAttention")}
+FUSED_ATTENTION_REASON = ("the Softmax is fused inside this attention op and is not replaced; export without "
+                          "fused attention (for example torch.onnx at opset 18) to replace it")
+
+
 class ConversionError(ValueError):
     """The model cannot be converted as asked; the message says why and what to do."""
 
@@ -95,6 +104,8 @@ def _candidate_kind(node: ir.Node) -> str | None:
         return "rmsnorm"
     if key == ("", "Tanh"):
         return "gelu" if _feeds_gelu_tail(node) else None
+    if key in FUSED_ATTENTION:
+        return "softmax"
     for kind, anchors in ANCHORS.items():
         if key in anchors and key != ("", "ReduceMean"):
             return kind
@@ -167,6 +178,8 @@ def convert_ir(model: ir.Model, options: ConvertOptions, report: MatchReport | N
         if id(node) in recorder.replaced_anchors:
             continue
         reason = recorder.failures.get(id(node))
+        if reason is None and (node.domain or "", node.op_type) in FUSED_ATTENTION and kind in options.ops:
+            reason = FUSED_ATTENTION_REASON
         if reason is None:
             reason = (f"{kind} not selected" if kind not in options.ops
                       else f"not part of a supported {kind} pattern")

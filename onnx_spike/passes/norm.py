@@ -57,6 +57,16 @@ class DecomposedNorm(SpikeRule):
             return op.Mul(data, op.Reciprocal(rms))
         return op.Div(data, rms)
 
+    def find_anchor(self, nodes):
+        # The ReduceMean of the square, as counted by the driver; a LayerNorm also has the
+        # ReduceMean of its mean, which is not the anchor.
+        for node in nodes:
+            if node.op_type == "ReduceMean" and node.inputs[0] is not None:
+                producer = node.inputs[0].producer()
+                if producer is not None and producer.op_type == "Pow":
+                    return node
+        return None
+
     def site_check(self, context, anchor, x, exponent, eps, one=None, **_):
         if constant(exponent) != 2:
             return "the square is not Pow(x, 2)"
@@ -118,7 +128,9 @@ class FusedNorm(SpikeRule):
 
 def rules(recorder):
     built = []
-    for center in (False, True):
+    # LayerNorm first: an RMSNorm pattern also matches a centered chain (its x is then the Sub
+    # output), and for one anchor the first matching rule wins.
+    for center in (True, False):
         for inverse in ("div", "reciprocal", "direct"):
             built += DecomposedNorm.rule(recorder, center, inverse).commute()
     for op_type, domain in [("RMSNormalization", ""), ("SimplifiedLayerNormalization", ""),

@@ -29,7 +29,7 @@ ANCHORS = {
     "silu": {("", "Sigmoid"), ("", "Swish"), ("com.microsoft", "QuickGelu")},
     "rmsnorm": {("", "ReduceMean"), ("", "RMSNormalization"), ("", "SimplifiedLayerNormalization"),
                 ("com.microsoft", "SimplifiedLayerNormalization")},
-    "layernorm": {("", "LayerNormalization")},
+    "layernorm": {("", "LayerNormalization"), ("", "ReduceMean")},
     "gelu": {("", "Erf"), ("", "Tanh"), ("", "Gelu"), ("com.microsoft", "Gelu"), ("com.microsoft", "FastGelu")},
 }
 

@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import onnx
+import onnx.inliner
 import onnx_ir as ir
 
 from onnx_spike.passes.convert import ConversionError, ConvertOptions, convert_ir, prepare
