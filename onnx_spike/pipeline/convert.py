@@ -81,20 +81,24 @@ def _check_output(input_path: Path, output_path: Path, overwrite: bool) -> None:
         raise ConversionError(f"output folder {parent} is not writable")
 
 
+def _convert_in_memory(input_path: Path, options: ConvertOptions) -> tuple[ir.Model, MatchReport, bool]:
+    proto = load_model_proto(input_path)
+    external = bool(_external_locations(proto))
+    report = MatchReport(model=str(input_path))
+    model = prepare(proto, report)
+    del proto
+    ir.external_data.set_base_dir(model.graph, str(input_path.parent))
+    convert_ir(model, options, report)
+    return model, report, external
+
+
 def convert_file(input_path: str | os.PathLike, output_path: str | os.PathLike, options: ConvertOptions,
                  overwrite: bool = False, allow_empty: bool = False) -> MatchReport:
     """Convert one ONNX file; returns the match report."""
     input_path, output_path = Path(input_path), Path(output_path)
     options.validate()
     _check_output(input_path, output_path, overwrite)
-    proto = load_model_proto(input_path)
-    external = bool(_external_locations(proto))
-
-    report = MatchReport(model=str(input_path))
-    model = prepare(proto, report)
-    del proto
-    ir.external_data.set_base_dir(model.graph, str(input_path.parent))
-    convert_ir(model, options, report)
+    model, report, external = _convert_in_memory(input_path, options)
     if report.replaced == 0 and not allow_empty:
         raise NothingConvertedError(f"{input_path}: no site was replaced; nothing written", report)
 
@@ -139,28 +143,37 @@ def convert_path(input_path: str | os.PathLike, output_path: str | os.PathLike, 
         raise ConversionError(f"output {output_path} is the input folder; choose another output folder")
     if output_path.exists() and any(output_path.iterdir()) and not overwrite:
         raise ConversionError(f"output folder {output_path} is not empty; pass --overwrite to replace its files")
-    output_path.mkdir(parents=True, exist_ok=True)
+    if not output_path.parent.exists():
+        raise ConversionError(f"output folder {output_path.parent} does not exist")
 
+    options.validate()
+    converted = []
+    combined = MatchReport(model=str(input_path))
     data_files = set()
     for model_path in models:
         data_files |= _external_locations(load_model_proto(model_path))
+        model, report, external = _convert_in_memory(model_path, options)
+        converted.append((model_path, model, external))
+        _merge(combined, report)
+    if combined.replaced == 0 and not allow_empty:
+        raise NothingConvertedError(f"{input_path}: no site was replaced in any model; nothing written", combined)
+
+    output_path.mkdir(parents=True, exist_ok=True)
     for item in sorted(input_path.iterdir()):
         if item.suffix == ".onnx" or item.name in data_files or item.is_dir():
             continue
         shutil.copy2(item, output_path / item.name)
-
-    combined = MatchReport(model=str(input_path))
-    for model_path in models:
-        report = convert_file(model_path, output_path / model_path.name, options, overwrite=True,
-                              allow_empty=True)
-        combined.sites += report.sites
-        combined.skipped += report.skipped
-        combined.notes += report.notes
-        for kind, count in report.found.items():
-            combined.found[kind] = combined.found.get(kind, 0) + count
-    if combined.replaced == 0 and not allow_empty:
-        raise NothingConvertedError(f"{input_path}: no site was replaced in any model", combined)
+    for model_path, model, external in converted:
+        write_model(model, output_path / model_path.name, external=external, inline=options.inline)
     return combined
+
+
+def _merge(combined: MatchReport, report: MatchReport) -> None:
+    combined.sites += report.sites
+    combined.skipped += report.skipped
+    combined.notes += report.notes
+    for kind, count in report.found.items():
+        combined.found[kind] = combined.found.get(kind, 0) + count
 
 
 def inspect_path(path: str | os.PathLike, options: ConvertOptions) -> MatchReport:
@@ -174,9 +187,5 @@ def inspect_path(path: str | os.PathLike, options: ConvertOptions) -> MatchRepor
         report = MatchReport(model=str(file))
         model = prepare(load_model_proto(file), report)
         convert_ir(model, options, report)
-        combined.sites += report.sites
-        combined.skipped += report.skipped
-        combined.notes += report.notes
-        for kind, count in report.found.items():
-            combined.found[kind] = combined.found.get(kind, 0) + count
+        _merge(combined, report)
     return combined

@@ -120,7 +120,8 @@ def cloze_targets(tokenizer, plays: dict[str, str], window_length: int, num_wind
     for candidate in text_data.find_cloze_candidates(plays):
         space = play_offsets[candidate.play] + candidate.space_offset
         word_end = space + 1 + len(candidate.word)
-        first = start_of.get(space)
+        # Byte-level BPE tokens start at the space before a word; word-level tokens at the word.
+        first = start_of.get(space, start_of.get(space + 1))
         if first is None or first >= count * window_length:
             continue
         last = first
