@@ -1,16 +1,18 @@
 """Time the spiking operators against the native float ops in onnxruntime on the CPU.
 
 Each spiking operator (both precision presets) runs as a standalone model
-(`onnx_spike.operators.operator_model`) next to the float op that an exporter writes for it,
-at the shapes of SmolLM2-135M: attention scores [1, 9, 128, 128] and [1, 9, 1024, 1024] for
-Softmax, hidden states [1, 128, 576] for the norms, MLP activations [1, 128, 1536] for SiLU
-and GELU. All sessions run in one process with the same thread count. For each case the
-script records the median and minimum wall time of several runs, the ratio to the native
-op, the error of both against the exact op in float64 on the same input, and a per-op-type
-breakdown of the spiking operator from onnxruntime's profiler.
+(`onnx_spike.operators.operator_model`) next to the float op that an exporter writes for it.
+The shapes are those of SmolLM2-135M: attention scores [1, 9, 128, 128] and
+[1, 9, 1024, 1024] for Softmax, hidden states [1, 128, 576] for the norms, and MLP
+activations [1, 128, 1536] for SiLU and GELU. All sessions run in one process with the same
+thread count. For each case the
+script records the median and minimum wall time of several runs and the minimum thread CPU
+time of a one-thread session, which other processes on the machine disturb less. It also
+records the ratios to the native op, the error of both against the exact op in float64 on the
+same input, and a per-op-type breakdown of the spiking operator from onnxruntime's profiler.
 
 Usage:
-    python benchmarks/operators.py --output results.json [--skip-large] [--threads 2]
+    python benchmarks/operators.py --output results.json [--skip-large] [--threads 2] [--op-costs]
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import tempfile
@@ -29,8 +32,9 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
+from onnx import helper, numpy_helper
 
+import onnx_spike
 from onnx_spike import reference
 from onnx_spike.operators import operator_model
 from onnx_spike.precision import preset
@@ -66,7 +70,7 @@ NATIVE_DESCRIPTION = {
 
 
 def native_model(kind: str, shape: tuple[int, ...]) -> onnx.ModelProto:
-    """The float op as an exporter writes it (opset 18), without weight or bias."""
+    """Build the float op as an exporter writes it (opset 18), without weight or bias."""
     x = helper.make_tensor_value_info("X", onnx.TensorProto.FLOAT, list(shape))
     y = helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, list(shape))
 
@@ -121,7 +125,7 @@ def make_session(model: onnx.ModelProto, threads: int, profile_prefix: str | Non
 
 
 def time_session(session: ort.InferenceSession, x: np.ndarray, repeats: int, warmup: int) -> dict:
-    """Median and minimum wall time of `session.run` in milliseconds, after `warmup` runs."""
+    """Time `session.run`: median and minimum wall time in milliseconds after `warmup` runs."""
     feed = {"X": x}
     for _ in range(warmup):
         session.run(None, feed)
@@ -133,62 +137,164 @@ def time_session(session: ort.InferenceSession, x: np.ndarray, repeats: int, war
     return {"median_ms": statistics.median(times), "min_ms": min(times), "runs": repeats}
 
 
-def profile_breakdown(model: onnx.ModelProto, x: np.ndarray, threads: int, runs: int) -> dict:
-    """Kernel time per op type, in ms per call, from onnxruntime's profiler over `runs` calls.
+def cpu_time_session(model: onnx.ModelProto, x: np.ndarray, repeats: int, warmup: int) -> dict:
+    """Thread CPU time of `session.run` in milliseconds on one intra-op thread without spinning.
 
-    Nodes inside Loop bodies are reported under their own op type; the Loop row keeps only
-    its own time (the wall time of the Loop minus the time of the nodes it ran).
+    The calling thread does all the work, so its CPU time is the op's cost, and other
+    processes on the machine inflate it far less than the wall time (memory and cache
+    contention remain).
+    """
+    options = session_options(1)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feed = {"X": x}
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(repeats):
+        start = time.thread_time()
+        session.run(None, feed)
+        times.append((time.thread_time() - start) * 1e3)
+    return {"median_ms": statistics.median(times), "min_ms": min(times), "runs": repeats}
+
+
+def profile_breakdown(model: onnx.ModelProto, x: np.ndarray, threads: int, runs: int, warmup: int) -> dict:
+    """Kernel time per op type and per ONNX function, in ms per call, from onnxruntime's profiler.
+
+    The session runs `warmup + runs` times and only the last `runs` calls count: the first
+    calls grow the memory arena and take several times longer. Worker threads do not spin, so
+    that busy-waiting shows in no node's time. A node inside a Loop body is
+    counted under its own op type, and the Loop row keeps only the Loop's own time (its wall
+    time minus the nodes it ran). The profiler adds a few microseconds per node, so the total
+    exceeds the timed median, most for graphs with many small nodes.
     """
     with tempfile.TemporaryDirectory() as folder:
-        session = make_session(model, threads, os.path.join(folder, "profile"))
-        session.run(None, {"X": x})  # the first run allocates; keep it out of the profile
-        session.end_profiling()
-        session = make_session(model, threads, os.path.join(folder, "profile"))
-        for _ in range(runs):
+        options = session_options(threads, os.path.join(folder, "profile"))
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        for _ in range(warmup + runs):
             session.run(None, {"X": x})
-        path = session.end_profiling()
-        with open(path) as handle:
+        with open(session.end_profiling()) as handle:
             events = json.load(handle)
 
+    windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[-runs:]
+    nodes = [e for e in events if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
+             and any(low <= e["ts"] < high for low, high in windows)]
+    loops = [(e["ts"], e["ts"] + e["dur"]) for e in nodes if e["args"].get("op_name") == "Loop"]
+
     per_type: dict[str, float] = defaultdict(float)
-    calls: dict[str, int] = defaultdict(int)
-    for event in events:
-        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
-            continue
-        op_type = event.get("args", {}).get("op_name", "?")
-        per_type[op_type] += event["dur"] / 1e3 / runs
-        calls[op_type] += 1
-    inner = sum(ms for op_type, ms in per_type.items() if op_type != "Loop")
-    if "Loop" in per_type:
-        # Loop kernel time includes its body; keep the Loop's own overhead only.
-        per_type["Loop"] = max(per_type["Loop"] - inner_loop_time(events, runs), 0.0)
+    per_function: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for event in nodes:
+        op_type = event["args"].get("op_name", "?")
+        duration = event["dur"] / 1e3 / runs
+        inside_loop = any(low < event["ts"] < high for low, high in loops)
+        if op_type == "Loop":
+            duration -= sum(e["dur"] for e in nodes if event["ts"] < e["ts"] < event["ts"] + event["dur"]
+                            and e["args"].get("op_name") != "Loop") / 1e3 / runs
+            if inside_loop:
+                continue  # a nested Loop's own time stays in the outer Loop's row
+        per_type[op_type] += duration
+        counts[op_type] += 1
+        # onnxruntime names an inlined node after the functions around it: _inlfunc_<Name>_<hash>...
+        functions = re.findall(r"_inlfunc_([A-Za-z0-9]+?)_[0-9a-f]{8}", event["name"])
+        per_function[functions[-1] if functions else "(graph)"] += duration
+
     ordered = sorted(per_type.items(), key=lambda item: -item[1])
     return {"ms_per_call": {op: round(ms, 4) for op, ms in ordered},
-            "nodes_per_call": {op: calls[op] // runs for op, _ in ordered},
-            "total_kernel_ms": round(inner + per_type.get("Loop", 0.0), 4)}
+            "nodes_per_call": {op: counts[op] // runs for op, _ in ordered},
+            "ms_per_call_by_function": {name: round(ms, 4) for name, ms in
+                                        sorted(per_function.items(), key=lambda item: -item[1])},
+            "total_kernel_ms": round(sum(per_type.values()), 4)}
 
 
-def inner_loop_time(events: list[dict], runs: int) -> float:
-    """Kernel time in ms per call of the nodes that ran inside Loop bodies.
+OP_COST_ELEMENTS = 147456  # one [1, 9, 128, 128] attention score tensor
 
-    onnxruntime names the kernel events of a subgraph node after the node, and the builder
-    prefixes every Loop body node with its loop's name hint and an underscore, so the nodes
-    that run inside a Loop are the ones whose event timestamps fall inside a Loop event.
+# (label, op type, input type, second input: "tensor", "scalar" or None, attributes)
+OP_COSTS = [
+    ("Add int32", "Add", "int32", "tensor", {}),
+    ("Add int64", "Add", "int64", "tensor", {}),
+    ("Add uint32", "Add", "uint32", "tensor", {}),
+    ("Add uint64", "Add", "uint64", "tensor", {}),
+    ("Mul int32", "Mul", "int32", "tensor", {}),
+    ("Mul int64", "Mul", "int64", "tensor", {}),
+    ("Mul uint64", "Mul", "uint64", "tensor", {}),
+    ("GreaterOrEqual int32", "GreaterOrEqual", "int32", "tensor", {}),
+    ("GreaterOrEqual int64", "GreaterOrEqual", "int64", "tensor", {}),
+    ("BitShift uint32 by a constant", "BitShift", "uint32", "scalar", {"direction": "RIGHT"}),
+    ("BitShift uint64 by a constant", "BitShift", "uint64", "scalar", {"direction": "RIGHT"}),
+    ("Cast int64 -> uint64", "Cast", "int64", None, {"to": onnx.TensorProto.UINT64}),
+    ("Cast bool -> int32", "Cast", "bool", None, {"to": onnx.TensorProto.INT32}),
+    ("Where int32", "Where", "int32", "tensor", {}),
+    ("Gather int64 from 1026 entries", "Gather", "int32", None, {}),
+    ("GatherElements int64 from 1026 entries", "GatherElements", "int32", None, {}),
+]
+
+
+def op_costs(threads: int, repeats: int) -> dict:
+    """Minimum thread CPU time in ms of single ops on OP_COST_ELEMENTS elements, one thread.
+
+    Runs on one intra-op thread without spinning, so the calling thread's CPU time is the op's
+    cost and other processes on the machine disturb it little. `threads` is recorded only.
     """
-    loops = [(e["ts"], e["ts"] + e["dur"]) for e in events
-             if e.get("cat") == "Node" and e.get("args", {}).get("op_name") == "Loop"
-             and e.get("name", "").endswith("_kernel_time")]
-    loops.sort()
-    total = 0.0
-    for event in events:
-        if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
-            continue
-        if event.get("args", {}).get("op_name") == "Loop":
-            continue
-        start = event["ts"]
-        if any(low <= start < high for low, high in loops):
-            total += event["dur"]
-    return total / 1e3 / runs
+    numpy_types = {"int32": np.int32, "int64": np.int64, "uint32": np.uint32, "uint64": np.uint64,
+                   "bool": np.bool_}
+    rng = np.random.default_rng(0)
+    table = numpy_helper.from_array(np.arange(1026, dtype=np.int64), "table")
+    results = {}
+    for label, op_type, input_type, second, attrs in OP_COSTS:
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(numpy_types[input_type]))
+        shape = [OP_COST_ELEMENTS]
+        if op_type in ("Gather", "GatherElements"):
+            feed = {"X": rng.integers(0, 1026, OP_COST_ELEMENTS).astype(np.int32)}
+            nodes = [helper.make_node("Constant", [], ["T"], value=table), helper.make_node(op_type, ["T", "X"], ["Y"])]
+            inputs = [helper.make_tensor_value_info("X", elem, shape)]
+        elif op_type == "Where":
+            feed = {"C": rng.random(OP_COST_ELEMENTS) < 0.5,
+                    "X": rng.integers(0, 1000, OP_COST_ELEMENTS).astype(np.int32),
+                    "Z": rng.integers(0, 1000, OP_COST_ELEMENTS).astype(np.int32)}
+            nodes = [helper.make_node("Where", ["C", "X", "Z"], ["Y"])]
+            inputs = [helper.make_tensor_value_info("C", onnx.TensorProto.BOOL, shape),
+                      helper.make_tensor_value_info("X", elem, shape), helper.make_tensor_value_info("Z", elem, shape)]
+        else:
+            values = rng.integers(0, 2, OP_COST_ELEMENTS) if input_type == "bool" else rng.integers(1, 1000, OP_COST_ELEMENTS)
+            feed = {"X": values.astype(numpy_types[input_type])}
+            inputs = [helper.make_tensor_value_info("X", elem, shape)]
+            names = ["X"]
+            nodes = []
+            if second == "tensor":
+                feed["Z"] = rng.integers(1, 1000, OP_COST_ELEMENTS).astype(numpy_types[input_type])
+                inputs.append(helper.make_tensor_value_info("Z", elem, shape))
+                names.append("Z")
+            elif second == "scalar":
+                constant = numpy_helper.from_array(np.array(3, dtype=numpy_types[input_type]), "K")
+                nodes.append(helper.make_node("Constant", [], ["K"], value=constant))
+                names.append("K")
+            nodes.append(helper.make_node(op_type, names, ["Y"], **attrs))
+        if op_type == "GreaterOrEqual":
+            output_type = onnx.TensorProto.BOOL
+        elif op_type == "Cast":
+            output_type = attrs["to"]
+        elif op_type in ("Gather", "GatherElements"):
+            output_type = onnx.TensorProto.INT64
+        else:
+            output_type = elem
+        output = helper.make_tensor_value_info("Y", output_type, shape)
+        model = helper.make_model(helper.make_graph(nodes, "op", inputs, [output]),
+                                  opset_imports=[helper.make_opsetid("", 18)])
+        options = session_options(1)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        for _ in range(3):
+            session.run(None, feed)
+        times = []
+        for _ in range(repeats):
+            start = time.thread_time()
+            session.run(None, feed)
+            times.append((time.thread_time() - start) * 1e3)
+        results[label] = round(min(times), 4)
+        print(f"  {label:42s} {results[label]:7.3f} ms", flush=True)
+    return {"elements": OP_COST_ELEMENTS, "threads": 1, "ms": results}
 
 
 def errors(output: np.ndarray, exact: np.ndarray) -> dict:
@@ -202,7 +308,8 @@ def make_input(kind: str, shape: tuple[int, ...], scale: float, seed: int) -> np
 
 def machine() -> dict:
     info = {"python": platform.python_version(), "onnxruntime": ort.__version__, "onnx": onnx.__version__,
-            "numpy": np.__version__, "cpu_count": os.cpu_count()}
+            "numpy": np.__version__, "cpu_count": os.cpu_count(), "onnx_spike": os.path.dirname(onnx_spike.__file__),
+            "load_average": os.getloadavg()}
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
     except (OSError, subprocess.CalledProcessError):
@@ -217,8 +324,10 @@ def machine() -> dict:
 def run_case(kind: str, shape: tuple[int, ...], scale: float, presets: list[str], args) -> list[dict]:
     x = make_input(kind, shape, scale, seed=sum(shape))
     exact = EXACT[kind](x)
-    native = make_session(native_model(kind, shape), args.threads)
+    native_model_proto = native_model(kind, shape)
+    native = make_session(native_model_proto, args.threads)
     native_time = time_session(native, x, args.repeats, args.warmup)
+    native_cpu = cpu_time_session(native_model_proto, x, args.repeats, args.warmup)
     native_errors = errors(native.run(None, {"X": x})[0], exact)
 
     rows = []
@@ -231,29 +340,35 @@ def run_case(kind: str, shape: tuple[int, ...], scale: float, presets: list[str]
         first_ms = (time.perf_counter() - started) * 1e3
         repeats = max(3, args.repeats // 4) if large else args.repeats
         spiking_time = time_session(spiking, x, repeats, 1 if large else args.warmup)
+        spiking_cpu = cpu_time_session(model, x, 2 if large else args.repeats, 1 if large else args.warmup)
         row = {
             "kind": kind, "shape": list(shape), "preset": preset_name,
             "native_op": NATIVE_DESCRIPTION[kind],
             "native": native_time, "spiking": spiking_time, "spiking_first_run_ms": first_ms,
+            "native_cpu_1thread": native_cpu, "spiking_cpu_1thread": spiking_cpu,
             "ratio": spiking_time["median_ms"] / native_time["median_ms"],
+            "cpu_ratio": spiking_cpu["min_ms"] / native_cpu["min_ms"],
             "native_error": native_errors, "spiking_error": errors(output, exact),
         }
         if args.profile and not large:
-            row["profile"] = profile_breakdown(model, x, args.threads, args.profile_runs)
+            row["profile"] = profile_breakdown(model, x, args.profile_threads, args.profile_runs, args.warmup)
         rows.append(row)
         print(f"  {kind:9s} {str(list(shape)):20s} {preset_name:7s} spiking {spiking_time['median_ms']:9.2f} ms"
-              f"  native {native_time['median_ms']:7.3f} ms  ratio {row['ratio']:8.1f}", flush=True)
+              f"  native {native_time['median_ms']:7.3f} ms  ratio {row['ratio']:8.1f}"
+              f"  (1-thread CPU: {spiking_cpu['min_ms']:9.2f} / {native_cpu['min_ms']:7.3f} ms)", flush=True)
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     header = (f"{'operator':9s} {'shape':20s} {'preset':7s} {'spiking ms':>11s} {'native ms':>10s} "
-              f"{'ratio':>8s} {'mean err':>9s} {'max err':>9s} {'native max':>10s}")
+              f"{'ratio':>8s} {'cpu1 ms':>9s} {'cpu1 ratio':>10s} {'mean err':>9s} {'max err':>9s} "
+              f"{'native max':>10s}")
     print(header)
     print("-" * len(header))
     for row in rows:
         print(f"{row['kind']:9s} {str(row['shape']):20s} {row['preset']:7s} "
               f"{row['spiking']['median_ms']:11.2f} {row['native']['median_ms']:10.3f} {row['ratio']:8.1f} "
+              f"{row['spiking_cpu_1thread']['min_ms']:9.2f} {row['cpu_ratio']:10.1f} "
               f"{row['spiking_error']['mean']:9.2e} {row['spiking_error']['max']:9.2e} "
               f"{row['native_error']['max']:10.2e}")
     for row in rows:
@@ -279,6 +394,11 @@ def main() -> None:
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip the onnxruntime profiler breakdown")
     parser.add_argument("--profile-runs", type=int, default=5, help="runs averaged in the profile (default 5)")
+    parser.add_argument("--profile-threads", type=int, default=1,
+                        help="onnxruntime intra-op threads of the profiled session (default 1: the kernel "
+                             "times then add up to the CPU time and vary less when the machine is shared)")
+    parser.add_argument("--op-costs", action="store_true",
+                        help="also time single ops (Add, Mul, Where, Gather, ...) on 147456 elements, one thread")
     args = parser.parse_args()
 
     info = machine()
@@ -291,8 +411,11 @@ def main() -> None:
             continue
         rows.extend(run_case(kind, shape, scale, args.presets, args))
 
-    result = {"machine": info, "threads": args.threads, "repeats": args.repeats, "warmup": args.warmup,
-              "rows": rows}
+    result = {"machine": info, "threads": args.threads, "profile_threads": args.profile_threads,
+              "repeats": args.repeats, "warmup": args.warmup, "rows": rows}
+    if args.op_costs:
+        print("single ops, thread CPU time (min):", flush=True)
+        result["op_costs"] = op_costs(args.threads, max(args.repeats, 20))
     with open(args.output, "w") as handle:
         json.dump(result, handle, indent=1)
     print()

@@ -8,9 +8,10 @@ adversarial inputs. Sources, with Delta = 2^-n the output grid:
 - input grid: encode rounds x to 2^-(f+1);
 - exp table: chord error eps_exp = w^2/8 e^w (relative, the chord lies above e^t), plus at
   most 1.5 output units of knot, slope and evaluation rounding (2^-P each);
-- division: reciprocal form within 2 * 2^-m relative (floor of the reciprocal and the right
-  shift of B) plus 2^-m absolute (the same right shift of A), population form within 2^(1-g) grid steps (the floor in
-  theta = B >> n) plus the floor of the count;
+- division: bit-serial form exact up to its rounding or floor; reciprocal form within
+  2 * 2^-m relative (floor of the reciprocal and the right shift of B) plus 2^-m absolute
+  (the same right shift of A, where the form shifts A); population form within 2^(1-g) grid
+  steps (the floor in theta = B >> n) plus the floor of the count;
 - output grid: Delta / 2 when rounding, Delta when flooring;
 - CORDIC tree: D * 2^(1 - 2 * iterations) relative, plus the truncated shifts.
 """
@@ -32,6 +33,8 @@ def _division_relative(spec: DivisionSpec) -> float:
 
 def _division_absolute_steps(spec: DivisionSpec, rounding: bool, frac_bits: int) -> float:
     """Absolute error of the division in steps of its own output grid 2^-frac_bits."""
+    if spec.method == "bitserial":
+        return 0.5 if rounding else 1.0
     if spec.method == "reciprocal":
         return (0.5 if rounding else 1.0) + 2.0 ** (frac_bits - spec.reciprocal_bits)
     # Floor of the count, plus theta's own floor: q * 2^-(n+g-1) <= 2^(1-g) steps.

@@ -20,6 +20,25 @@ from onnx import helper, numpy_helper
 DOMAIN = "onnx_spike"
 DOMAIN_VERSION = 1
 
+# Signed integer types of the hot paths and the unsigned type of the same width that BitShift
+# needs (onnxruntime has no signed BitShift below opset 28).
+INTEGER_DTYPES = {
+    "int32": (np.int32, onnx.TensorProto.INT32, np.uint32, onnx.TensorProto.UINT32),
+    "int64": (np.int64, onnx.TensorProto.INT64, np.uint64, onnx.TensorProto.UINT64),
+    "uint32": (np.uint32, onnx.TensorProto.UINT32, np.uint32, onnx.TensorProto.UINT32),
+    "uint64": (np.uint64, onnx.TensorProto.UINT64, np.uint64, onnx.TensorProto.UINT64),
+}
+
+
+def dtype_for_bits(bits: int) -> str:
+    """Return the narrower signed type that fits non-negative values below 2^bits."""
+    if bits <= 31:
+        return "int32"
+    if bits <= 63:
+        return "int64"
+    raise ValueError(f"a value of {bits} bits does not fit a signed 64-bit integer")
+
+
 # ONNX attribute values that a node carries through `helper.make_node`.
 AttributeValue = int | float | str | Sequence[int] | Sequence[float] | onnx.TensorProto | onnx.GraphProto
 
@@ -95,6 +114,42 @@ class GraphBuilder:
     def select(self, mask: str, if_true: str, if_false: str) -> str:
         """uint64 select: if_false + mask * (if_true - if_false), exact in modulo-2^64 arithmetic."""
         return self.op("Add", if_false, self.gate(mask, self.op("Sub", if_true, if_false)), name_hint="select")
+
+    # Integer helpers for the hot paths. Values stay signed (Abs and negative intermediates need
+    # that) or uint32, and are cast to the unsigned type of the same width only around BitShift.
+    # A select is a 0/1 factor: in onnxruntime 1.32, Where ran about 30 times slower than an
+    # int32 Add (docs/benchmarks.md lists the measured op costs).
+
+    def int_const(self, value: int, dtype: str) -> str:
+        return self.const(INTEGER_DTYPES[dtype][0](value))
+
+    def cast(self, value: str, dtype: str) -> str:
+        """Cast to an integer type by name ("int32", "uint32", ...); the caller keeps the value in range."""
+        return self.op("Cast", value, to=INTEGER_DTYPES[dtype][1])
+
+    def shr_int(self, value: str, amount: int | str, dtype: str, out: str | None = None) -> str:
+        """Logical right shift of a non-negative signed `value` of type `dtype`.
+
+        `amount` is a constant or a tensor of the unsigned type of the same width. The result
+        has type `out` (default `dtype`); casting a non-negative value to the other signed type
+        is exact when the caller keeps it in range.
+        """
+        if isinstance(amount, int):
+            if amount == 0:
+                return value if out in (None, dtype) else self.cast(value, out)
+            amount = self.const(INTEGER_DTYPES[dtype][2](amount))
+        unsigned = value if dtype.startswith("u") else self.op("Cast", value, to=INTEGER_DTYPES[dtype][3])
+        shifted = self.op("BitShift", unsigned, amount, direction="RIGHT", name_hint="shift_right")
+        target = out or dtype
+        return shifted if INTEGER_DTYPES[target][1] == INTEGER_DTYPES[dtype][3] else self.cast(shifted, target)
+
+    def shift_amount(self, amount: str, dtype: str) -> str:
+        """Cast a non-negative shift amount to the unsigned type that BitShift on `dtype` needs."""
+        return self.op("Cast", amount, to=INTEGER_DTYPES[dtype][3])
+
+    def mul_mask(self, mask: str, value: str, dtype: str) -> str:
+        """`value` where the bool `mask` holds, else 0: Cast(mask) * value."""
+        return self.op("Mul", self.cast(mask, dtype), value, name_hint="gate")
 
     def call(self, function: "FunctionSpec", *inputs: str) -> list[str]:
         """Call a function of the project's domain; returns its output names."""
@@ -190,9 +245,12 @@ def define_function(kind: str, params: dict, inputs: Sequence[str], num_outputs:
     if len(results) != num_outputs:
         raise ValueError(f"{kind}: body returned {len(results)} outputs, expected {num_outputs}")
     output_names = []
+    constants = {out for node in builder.nodes if node.op_type == "Constant" for out in node.output}
     for i, name in enumerate(results):
-        # Function outputs need their own producing node, not an input or a shared constant.
-        output = builder.op("Identity", name, name_hint=f"out{i}")
-        output_names.append(output)
+        # A function output needs its own producing node: not an input, a shared constant or
+        # another output. Other values are returned as they are, with no Identity copy.
+        if name in input_names or name in constants or name in output_names:
+            name = builder.op("Identity", name, name_hint=f"out{i}")
+        output_names.append(name)
     return FunctionSpec(kind=kind, params=dict(params), inputs=input_names, outputs=output_names,
                         nodes=builder.nodes, calls=list(calls), doc=doc)

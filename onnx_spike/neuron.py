@@ -1,9 +1,9 @@
 """Golden model of the integer leaky-integrate-and-fire neuron and its population count.
 
-State, all unsigned 64-bit integers:
+State, non-negative integers (`lif_step` on uint64, `population_count` on int64):
 
-- membrane v: the integrated current; callers keep it below 2^63 (each primitive states its
-  bound); it never goes negative because a spike subtracts at most v.
+- membrane v: the integrated current; callers keep it below 2^62 (each primitive states its
+  bound and the type it uses); it never goes negative because a spike subtracts at most v.
 - threshold theta >= 1: the firing level; a population of L neurons sharing one membrane has
   the ordered thresholds theta, 2*theta, ..., L*theta.
 - leak shift k: the leak per step is v >> k (k = 0 disables the leak, giving a plain IF neuron).
@@ -32,23 +32,24 @@ def lif_step(membrane: np.ndarray, current: np.ndarray, threshold: np.ndarray,
     return membrane, spike.astype(U64)
 
 
-def population_count(membrane: np.ndarray, shifted_thresholds: list[np.ndarray],
-                     neurons: int) -> tuple[np.ndarray, np.ndarray]:
+def population_count(membrane: np.ndarray, theta: np.ndarray, neurons: int) -> tuple[np.ndarray, np.ndarray]:
     """Count the neurons of a population that fire, by bisection over the ordered thresholds.
 
-    `shifted_thresholds[b]` is `theta << b` for b = 0 .. log2(L). Returns (count, count * theta),
-    where count = min(L, floor(v / theta)). Below the top neuron the count is built one bit at
-    a time from the most significant bit by comparing v with the partial sum of thresholds, so
-    no division and no product of run-time values is needed; that yields at most L - 1, and the
-    top neuron, tested on its own, adds the last one.
+    The population has the thresholds theta, 2*theta, .., L*theta on one membrane. Returns
+    (count, residual membrane) with count = min(L, floor(v / theta)) and residual
+    v - count * theta. The count is built one bit at a time from the most significant one. The
+    neuron of threshold theta * 2^k fires when the residual reaches it, and its charge is
+    subtracted, so no division and no product of two run-time values is needed. That yields at
+    most L - 1, and the top neuron, tested last against theta, adds the last one. Comparing the
+    residual is the same as comparing v with the partial sums of the thresholds.
     """
+    membrane = np.asarray(membrane, dtype=np.int64)
+    theta = np.asarray(theta, dtype=np.int64)
     levels = neurons.bit_length() - 1
-    count = np.zeros_like(membrane, dtype=U64)
-    charge = np.zeros_like(membrane, dtype=U64)
-    for bit in reversed(range(levels)):
-        fires = (membrane >= charge + shifted_thresholds[bit]).astype(U64)
-        charge = charge + fires * shifted_thresholds[bit]
-        count = (count << U64(1)) + fires
-
-    top = (membrane >= shifted_thresholds[levels]).astype(U64)
-    return count + top, charge + top * shifted_thresholds[0]
+    count = np.zeros(np.broadcast(membrane, theta).shape, dtype=np.int64)
+    for bit in list(reversed(range(levels))) + [0]:
+        threshold = theta << bit
+        fires = (membrane >= threshold).astype(np.int64)
+        membrane = membrane - fires * threshold
+        count = count + (fires << bit)
+    return count, membrane

@@ -2,8 +2,9 @@
 
 Two presets ship:
 
-- ``default``: 16 fractional bits on the Softmax and norm outputs, 12 on SiLU/GELU, rounding,
-  a 1024-segment exponential table on [-16, 0] and the row-shared reciprocal division. A
+- ``default``: 16 fractional bits on the Softmax and norm outputs, 12 on SiLU/GELU, rounding
+  and a 1024-segment exponential table on [-16, 0]. Softmax and the norms divide by the
+  row-shared reciprocal, SiLU/GELU by the exact bit-serial neuron (15 bits of sigma). A
   near-uniform Softmax over 1024 positions has probabilities of about 2^-10, which a 16-bit
   grid still resolves to 1 part in 64, and rounding keeps the grid error unbiased, so the row
   mass stays within 1% of 1 (the 8-bit grid of the paper floors every such entry to 0). The
@@ -11,8 +12,9 @@ Two presets ship:
   to the grid even when hundreds of keys sit far below the row max.
 - ``paper``: the settings of Yuan et al., "Plug-and-Play Spiking Operators" (ICML 2026): an
   8-bit output grid with flooring, K = 64 segments on [-5, 5], 8 CORDIC iterations, and the
-  population division group (T = 4 steps of L = 64 neurons, so T * L = 256; the paper fixes
-  only the product, which alone sets the accuracy).
+  population division group (T = 2 steps of L = 128 neurons, so T * L = 256; SiLU's 12-bit
+  sigma uses T = 2, L = 2048). The paper fixes only the product T * L, which alone sets the
+  result; fewer steps of larger groups need fewer comparisons (T * (log2 L + 1)).
 
 Every field is checked when the spec is built, so an invalid value fails before any graph
 work with the name of the field and the allowed range.
@@ -75,6 +77,10 @@ class ExpSpec:
 class DivisionSpec:
     """How A / B is computed by neurons.
 
+    - ``bitserial``: one IF neuron per quotient whose membrane starts at A and doubles each
+      step. It spikes at B with a soft reset, and its spikes are the bits of the exact
+      floor(A * 2^n / B) after n + 1 steps (n + 2 with rounding). It suits per-element
+      division (SiLU, GELU), where no denominator is shared.
     - ``reciprocal``: the denominator is normalised to reciprocal_bits + 1 bits by a shift
       shared with the numerator, one bit-serial IF neuron per denominator computes
       floor(2^(2m+1) / B) in m + 2 steps, and each numerator is scaled by that spike count.
@@ -90,8 +96,11 @@ class DivisionSpec:
     theta_guard_bits: int = 8  # pre-scale B so theta = B >> n keeps n + guard bits
 
     def validate(self, owner: str, frac_bits: int) -> None:
-        if self.method not in ("reciprocal", "population"):
-            raise PrecisionError(f"{owner}.method must be 'reciprocal' or 'population', got {self.method!r}")
+        if self.method not in ("bitserial", "reciprocal", "population"):
+            raise PrecisionError(
+                f"{owner}.method must be 'bitserial', 'reciprocal' or 'population', got {self.method!r}")
+        if self.method == "bitserial":
+            return
         if self.method == "reciprocal":
             _check_range(owner, "reciprocal_bits", self.reciprocal_bits, frac_bits, MAX_RECIPROCAL_BITS)
         else:
@@ -128,13 +137,15 @@ class SoftmaxSpec:
 class SiluSpec:
     input_frac_bits: int = 16  # int32 currents: |x| saturates at 2^(31 - f)
     frac_bits: int = 12  # output grid
-    sigmoid_frac_bits: int = 16  # grid of the intermediate sigma before the product with x
+    # Grid of the intermediate sigma before the product with x. 15 bits keep the max SiLU error
+    # on [-8, 8] at 2.4e-4 (16 bits: 1.8e-4, 14 bits: 3.7e-4); each bit costs one neuron step.
+    sigmoid_frac_bits: int = 15
     rounding: bool = True
     # "symmetric": sigma(-|x|) = e^-|x| / (1 + e^-|x|) on a table over [-2H, 0], no clip at -H.
     # "paper": sigma(x) = 1 / (1 + e^-x) with e^-x from [-H, H] and output 0 below -H.
     form: str = "symmetric"
     exp: ExpSpec = field(default_factory=ExpSpec)
-    division: DivisionSpec = field(default_factory=lambda: DivisionSpec(reciprocal_bits=16))
+    division: DivisionSpec = field(default_factory=lambda: DivisionSpec(method="bitserial"))
 
     def validate(self, owner: str = "silu") -> None:
         _check_range(owner, "input_frac_bits", self.input_frac_bits, 4, 24)
@@ -200,33 +211,58 @@ class Precision:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Precision":
-        def build(spec_type, values):
-            values = dict(values)
-            for key in ("exp", "division"):
-                if key in values:
-                    nested = ExpSpec if key == "exp" else DivisionSpec
-                    values[key] = nested(**values[key])
-            return spec_type(**values)
+        """Build and validate a precision from nested dicts; unknown or mistyped fields raise PrecisionError."""
+        sections = {"softmax": SoftmaxSpec, "silu": SiluSpec, "norm": NormSpec, "gelu": GeluSpec}
+        values = _checked_fields("precision", data, sections)
+        return cls(**{name: _build_spec(name, spec_type, values.get(name, {}))
+                      for name, spec_type in sections.items()}).validate()
 
-        return cls(softmax=build(SoftmaxSpec, data.get("softmax", {})),
-                   silu=build(SiluSpec, data.get("silu", {})),
-                   norm=build(NormSpec, data.get("norm", {})),
-                   gelu=build(GeluSpec, data.get("gelu", {}))).validate()
+
+def _checked_fields(owner: str, values, fields: dict[str, type]) -> dict:
+    if not isinstance(values, dict):
+        raise PrecisionError(f"{owner} must be a JSON object, got {type(values).__name__} {values!r}")
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise PrecisionError(f"{owner}: unknown field(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
+    for name, value in values.items():
+        expected = fields[name]
+        if dataclasses.is_dataclass(expected) or expected is object:
+            continue
+        if expected is bool:
+            valid = isinstance(value, bool)
+        elif expected is float:
+            valid = isinstance(value, (int, float)) and not isinstance(value, bool)
+        else:
+            valid = isinstance(value, expected) and not isinstance(value, bool)
+        if not valid:
+            raise PrecisionError(f"{owner}.{name} must be of type {expected.__name__}, got {value!r}")
+    return values
+
+
+def _build_spec(owner: str, spec_type, values):
+    types = {"bool": bool, "int": int, "float": float, "str": str, "ExpSpec": ExpSpec, "DivisionSpec": DivisionSpec}
+    # Field annotations are strings (postponed evaluation). A field of another type is not type-checked.
+    fields = {item.name: types.get(item.type, object) for item in dataclasses.fields(spec_type)}
+    values = dict(_checked_fields(owner, values, fields))
+    for name, value in values.items():
+        if dataclasses.is_dataclass(fields[name]):
+            values[name] = _build_spec(f"{owner}.{name}", fields[name], value)
+    return spec_type(**values)
 
 
 # Slopes and knots share one 24-bit scale: e^-2H * 2^24 still has about 9 bits at H = 5, so
 # the table reaches the chord bound over its whole range (8-bit slopes and 16-bit knots, as
 # quoted by the paper, cannot on a common scale).
 _PAPER_EXP = ExpSpec(half_range=5.0, segments=64, value_bits=24)
-# The paper fixes only T * L = 2^n; fewer, wider steps cost fewer Loop iterations.
-_PAPER_DIVISION = DivisionSpec(method="population", time_steps=4, neurons=64, theta_guard_bits=8)
+# The paper fixes only T * L = 2^n; fewer, wider steps need fewer comparisons per quotient.
+_PAPER_DIVISION = DivisionSpec(method="population", time_steps=2, neurons=128, theta_guard_bits=8)
 
 PRESETS: dict[str, Precision] = {
     "default": Precision(),
     "paper": Precision(
         softmax=SoftmaxSpec(frac_bits=8, rounding=False, exp=_PAPER_EXP, division=_PAPER_DIVISION),
         silu=SiluSpec(frac_bits=8, sigmoid_frac_bits=12, rounding=False, form="paper", exp=_PAPER_EXP,
-                      division=DivisionSpec(method="population", time_steps=16, neurons=256)),
+                      division=DivisionSpec(method="population", time_steps=2, neurons=2048)),
         norm=NormSpec(frac_bits=8, rounding=False, cordic_iterations=8, division=_PAPER_DIVISION),
         gelu=GeluSpec(),
     ),
@@ -253,8 +289,12 @@ def with_frac_bits(precision: Precision, kind: str, frac_bits: int) -> Precision
         changes["sigmoid_frac_bits"] = min(sigma, 24)
         if spec.division.method == "reciprocal":
             changes["division"] = dataclasses.replace(spec.division, reciprocal_bits=min(sigma, 24))
-        else:
-            changes["division"] = dataclasses.replace(spec.division, time_steps=(1 << min(sigma, 24)) // spec.division.neurons)
+        elif spec.division.method == "population":
+            steps = max(1, (1 << min(sigma, 24)) // spec.division.neurons)
+            changes["division"] = dataclasses.replace(spec.division, time_steps=steps,
+                                                      neurons=(1 << min(sigma, 24)) // steps)
+    elif spec.division.method == "bitserial":
+        pass
     elif spec.division.method == "reciprocal":
         changes["division"] = dataclasses.replace(
             spec.division, reciprocal_bits=min(max(spec.division.reciprocal_bits, frac_bits + 8), MAX_RECIPROCAL_BITS))

@@ -16,11 +16,11 @@ Integer state:
 - currents X: int64, f fractional bits, saturating at +-2^40 (`INT40_LIMIT`) on encode.
 - LayerNorm: sum(x) int64 < d * 2^40; z = d*x - sum(x), |z| < 2^(41 + log2 d); the tree reads
   |z| >> s with s = ceil(log2(2d)), so its leaves stay below 2^40.
-- leaves: uint64 < 2^40 (+ the epsilon leaf round(sqrt(eps * d) * 2^f), shifted alike).
-- N = PolarNorm: uint64 < 2^62 (checked per d).
-- A = (|z| * Gm) >> g with Gm = round(G^D * 2^g), g chosen so |z| * Gm < 2^63.
-- quotient u: uint64 in [0, ~2^k], k = n + ceil(log2 sqrt d) + guard.
-- output: int64 |y| <= ~sqrt(d) * 2^n.
+- leaves: int64 < 2^40 (+ the epsilon leaf round(sqrt(eps * d) * 2^f), shifted alike).
+- N = PolarNorm: int64 < 2^62 (checked per d).
+- A = (|z| * Gm + 2^(g-1)) >> g with Gm = round(G^D * 2^g), g chosen so |z| * Gm < 2^62.
+- quotient u: int64 in [0, ~2^k], k = n + ceil(log2 sqrt d) + guard.
+- output: int64 |y| <= ~sqrt(d) * 2^n, signed by Clip(z, -1, 1).
 """
 
 from __future__ import annotations
@@ -33,7 +33,6 @@ import numpy as np
 
 from onnx_spike.fixedpoint import INT40_LIMIT
 from onnx_spike.graph import FunctionSpec, GraphBuilder, define_function
-from onnx_spike.neuron import U64
 from onnx_spike.operators.site import DecodeBuilder, build_site, golden_site, row_any
 from onnx_spike.precision import NormSpec
 from onnx_spike.primitives import division, norm as polar
@@ -72,6 +71,9 @@ class NormPlan:
             self.quotient_bits = min(spec.frac_bits + sqrt_bits + spec.quotient_guard_bits,
                                      spec.division.reciprocal_bits)
             self.division = spec.division
+        elif spec.division.method == "bitserial":
+            self.quotient_bits = spec.frac_bits + sqrt_bits + spec.quotient_guard_bits
+            self.division = spec.division
         else:
             # The population group widens to T * L = 2^(n + ceil(log2 sqrt d)), keeping T.
             self.quotient_bits = spec.frac_bits + sqrt_bits
@@ -88,6 +90,12 @@ class NormPlan:
 # ---------------------------------------------------------------- golden model
 
 
+def _operands(plan: NormPlan) -> division.Operands:
+    # A = |z| * G^D < 2^(41 + log2 G^D) and the root < 2^62; A may exceed B by the CORDIC error.
+    numerator_bits = polar.LEAF_BITS + 1 + math.ceil(math.log2(plan.gain))
+    return division.Operands(numerator_bits=numerator_bits, denominator_bits=62, dtype="int64", checked=False)
+
+
 def norm_counts(currents: np.ndarray, plan: NormPlan) -> np.ndarray:
     """Golden integer core: int64 currents [..., d] -> int64 output with n fractional bits."""
     spec = plan.spec
@@ -96,14 +104,14 @@ def norm_counts(currents: np.ndarray, plan: NormPlan) -> np.ndarray:
         total = flat.sum(axis=1, keepdims=True)
         flat = flat * np.int64(plan.dim) - total
     negative = flat < 0
-    magnitude = np.abs(flat).astype(U64) >> U64(plan.leaf_shift)
+    magnitude = np.abs(flat) >> plan.leaf_shift
 
-    root = polar.polar_norm(magnitude, plan.eps_leaf, spec.cordic_iterations)
-    numerator = (magnitude * U64(plan.gain_multiplier) + U64(1 << (plan.gain_shift - 1))) >> U64(plan.gain_shift)
-    quotient = division.divide(plan.division, numerator, root, plan.quotient_bits, spec.rounding)
+    root = polar.polar_norm(magnitude, plan.eps_leaf, spec.cordic_iterations).astype(np.int64)
+    numerator = (magnitude * np.int64(plan.gain_multiplier) + np.int64(1 << (plan.gain_shift - 1))) >> plan.gain_shift
+    quotient = division.divide(plan.division, numerator, root, plan.quotient_bits, spec.rounding, _operands(plan))
 
-    half = U64(1 << (plan.output_shift - 1)) if spec.rounding else U64(0)
-    scaled = ((quotient * U64(plan.sqrt_dim) + half) >> U64(plan.output_shift)).astype(np.int64)
+    half = np.int64(1 << (plan.output_shift - 1)) if spec.rounding else np.int64(0)
+    scaled = (quotient * np.int64(plan.sqrt_dim) + half) >> plan.output_shift
     return np.where(negative, -scaled, scaled).reshape(currents.shape)
 
 
@@ -130,7 +138,7 @@ def spiking_norm(x: np.ndarray, plan: NormPlan) -> np.ndarray:
 def build_norm_core(plan: NormPlan) -> FunctionSpec:
     spec = plan.spec
     polar_fn = polar.build_polar_norm(plan.dim, plan.eps_leaf, spec.cordic_iterations)
-    divide_fn = division.build_divide(plan.division, plan.quotient_bits, spec.rounding)
+    divide_fn = division.build_divide(plan.division, plan.quotient_bits, spec.rounding, _operands(plan))
 
     def body(b: GraphBuilder, inputs: list[str]) -> list[str]:
         (currents,) = inputs
@@ -139,19 +147,19 @@ def build_norm_core(plan: NormPlan) -> FunctionSpec:
         if plan.center:
             total = b.op("ReduceSum", flat, b.const(np.array([1], np.int64)), keepdims=1)
             flat = b.op("Sub", b.op("Mul", flat, b.i64(plan.dim)), total)
-        negative = b.op("Less", flat, b.i64(0))
-        magnitude = b.shr(b.op("Cast", b.op("Abs", flat), to=13), plan.leaf_shift)
+        magnitude = b.shr_int(b.op("Abs", flat), plan.leaf_shift, "int64")
 
         (root,) = b.call(polar_fn, magnitude)
-        numerator = b.op("Add", b.op("Mul", magnitude, b.u64(plan.gain_multiplier)), b.u64(1 << (plan.gain_shift - 1)))
-        numerator = b.shr(numerator, plan.gain_shift)
+        numerator = b.op("Add", b.op("Mul", magnitude, b.i64(plan.gain_multiplier)), b.i64(1 << (plan.gain_shift - 1)))
+        numerator = b.shr_int(numerator, plan.gain_shift, "int64")
         (quotient,) = b.call(divide_fn, numerator, root)
 
-        scaled = b.op("Mul", quotient, b.u64(plan.sqrt_dim))
+        scaled = b.op("Mul", quotient, b.i64(plan.sqrt_dim))
         if spec.rounding:
-            scaled = b.op("Add", scaled, b.u64(1 << (plan.output_shift - 1)))
-        scaled = b.op("Cast", b.shr(scaled, plan.output_shift), to=7)
-        signed = b.op("Where", negative, b.op("Neg", scaled), scaled)
+            scaled = b.op("Add", scaled, b.i64(1 << (plan.output_shift - 1)))
+        scaled = b.shr_int(scaled, plan.output_shift, "int64")
+        # The sign of z; z = 0 gives a zero output anyway.
+        signed = b.op("Mul", scaled, b.op("Clip", flat, b.i64(-1), b.i64(1)))
         return [b.op("Reshape", signed, shape)]
 
     kind = "LayerNormCore" if plan.center else "RmsNormCore"
@@ -165,15 +173,17 @@ def build_spiking_norm(plan: NormPlan) -> FunctionSpec:
 
     def special(d: DecodeBuilder, y: str) -> str:
         b = d.b
-        infinite = b.op("Or", d.masks["pos_inf"], d.masks["neg_inf"])
-        nan_row = d.row_any(d.masks["nan"])
-        inf_row = d.row_any(infinite)
+        # x * 0 is NaN at NaN and +-inf entries; its row sum flags rows with any of them.
+        zero_or_nan = d.zero_or_nan()
+        nonfinite_row = b.op("IsNaN", d.row_sum(zero_or_nan))
         if plan.center:
-            return d.set_where(y, b.op("Or", nan_row, inf_row), np.nan)
-        y = d.set_where(y, inf_row, 0.0)
-        return d.set_where(y, b.op("Or", nan_row, infinite), np.nan)
+            return b.op("Add", y, d.pick(nonfinite_row, float("nan"), 0.0))
+        # Float RMSNorm: mean(x^2) = inf gives 1/rms = 0, so finite entries become 0 and inf * 0 NaN.
+        scale = d.pick(d.row_any(d.masks["nan"]), float("nan"), d.pick(nonfinite_row, 0.0, 1.0))
+        return b.op("Add", b.op("Mul", y, scale), zero_or_nan)
 
     kind = "LayerNorm" if plan.center else "RmsNorm"
     return build_site(kind, plan.params(), plan.spec.input_frac_bits, INPUT_LIMIT, plan.spec.frac_bits,
-                      build_norm_core(plan), lambda m: [m["currents"]], special,
+                      build_norm_core(plan), core_masks=[], decode_masks=[] if plan.center else ["nan"],
+                      special=special, dtype="int64",
                       doc=f"Spiking {kind} over the last axis without weight or bias (float in, float out).")

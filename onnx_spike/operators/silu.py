@@ -14,13 +14,16 @@ erf-GELU on the real line, computed in integers with x clipped to +-6 for the cu
 that |z| > 2H and sigma is 0 or 1 in the table's range).
 
 Integer state:
-- currents X: int64, f fractional bits, saturating at +-2^31 (`INT32_LIMIT`) on encode.
-- a = |x|: uint64 < 2^31; E: uint64 in [0, 2^P]; B: [2^P, 2^(P+1)].
-- q: uint64 in [0, 2^s] with s = sigmoid_frac_bits.
-- product a * q: < 2^(31 + s) <= 2^55.
-- output: int64 |y| < 2^(31 + n - f), n fractional bits.
-- GELU: |x| clipped to 6 * 2^f, x^2 and x^3 kept at f fractional bits (< 2^(2f + 6)),
-  z = (C1 * x + C3 * x^3) >> 20 with C1 = round(1.5957691 * 2^20), C3 = round(0.0713548 * 2^20).
+- currents X: int32, f fractional bits, saturating at +-(2^31 - 128) (`INT32_LIMIT`) on encode.
+- a = |x|: int32 < 2^31; exp offset U: int32 in [0, 2H * 2^f + W]; E: int32 in [0, 2^P];
+  B: int32 in [2^P, 2^(P+1)] (P <= 28).
+- q: int32 in [0, 2^s] with s = sigmoid_frac_bits; the factor (q or 2^s - q) likewise.
+- product a * factor: int64 < 2^(31 + s) <= 2^55.
+- output: |y| < 2^(31 + n - f) with n fractional bits; int32 when that fits, else int64.
+  Its sign is Clip(x, -1, 1), which is also right for x = 0 because then y = 0.
+- GELU: m = min(a, 6 * 2^f) < 2^27, m^2 and m^3 kept at f fractional bits in int64
+  (< 2^(2f + 6)), |z| = (C1 * m + C3 * m^3) >> 20 with C1 = round(1.5957691 * 2^20),
+  C3 = round(0.0713548 * 2^20), an int32 below 2^(f + 6).
 """
 
 from __future__ import annotations
@@ -31,8 +34,7 @@ from dataclasses import asdict
 import numpy as np
 
 from onnx_spike.fixedpoint import INT32_LIMIT
-from onnx_spike.graph import FunctionSpec, GraphBuilder, define_function
-from onnx_spike.neuron import U64
+from onnx_spike.graph import FunctionSpec, GraphBuilder, define_function, dtype_for_bits
 from onnx_spike.operators.site import DecodeBuilder, build_site, golden_site
 from onnx_spike.precision import GeluSpec, SiluSpec
 from onnx_spike.primitives import division, exp
@@ -51,8 +53,21 @@ def _output_shift(spec: SiluSpec) -> int:
     return shift
 
 
+def _output_dtype(spec: SiluSpec) -> str:
+    return dtype_for_bits(31 + spec.frac_bits - spec.input_frac_bits + 1)
+
+
 def _paper_constant(spec: SiluSpec) -> int:
     return round(math.exp(-spec.exp.half_range) * 2**spec.exp.value_bits)
+
+
+def _operands(spec: SiluSpec) -> division.Operands:
+    # A = E <= 2^P (or C < 2^P) and B = 2^P + E (or C + E) < 2^(P+2); A <= B, and A < B in the
+    # symmetric form (B - A = 2^P), while the paper form has A = B where E = 0.
+    bits = spec.exp.value_bits
+    return division.Operands(numerator_bits=bits + 1, denominator_bits=bits + 2,
+                             dtype="int32" if bits <= 28 else "int64", checked=True,
+                             strict=spec.form == "symmetric")
 
 
 # ---------------------------------------------------------------- golden model
@@ -61,23 +76,23 @@ def _paper_constant(spec: SiluSpec) -> int:
 def _round_magnitude(magnitude: np.ndarray, negative: np.ndarray, shift: int, rounding: bool) -> np.ndarray:
     """Shift |y| to the output grid: round half away from zero, or floor toward -inf."""
     if rounding:
-        offset = np.full_like(magnitude, U64(1 << (shift - 1)))
+        offset = np.int64(1 << (shift - 1))
     else:
-        offset = negative.astype(U64) * U64((1 << shift) - 1)
-    scaled = ((magnitude + offset) >> U64(shift)).astype(np.int64)
+        offset = negative.astype(np.int64) * np.int64((1 << shift) - 1)
+    scaled = (magnitude + offset) >> shift
     return np.where(negative, -scaled, scaled)
 
 
 def gelu_argument(currents: np.ndarray, frac_bits: int) -> np.ndarray:
     """Integer z = 1.5958 * (x + 0.044715 x^3) at f fractional bits (int64)."""
-    clipped = np.clip(currents, -(_GELU_CLIP << frac_bits), _GELU_CLIP << frac_bits)
-    magnitude = np.abs(clipped).astype(U64)
-    square = (magnitude * magnitude) >> U64(frac_bits)
-    cube = ((square * magnitude) >> U64(frac_bits)).astype(np.int64)
+    clipped = np.clip(currents.astype(np.int64), -(_GELU_CLIP << frac_bits), _GELU_CLIP << frac_bits)
+    magnitude = np.abs(clipped)
+    square = (magnitude * magnitude) >> frac_bits
+    cube = (square * magnitude) >> frac_bits
     cube = np.where(clipped < 0, -cube, cube)
     c1, c3 = _gelu_constants()
     total = clipped * np.int64(c1) + cube * np.int64(c3)
-    scaled = (np.abs(total).astype(U64) >> U64(_GELU_CONST_BITS)).astype(np.int64)
+    scaled = np.abs(total) >> _GELU_CONST_BITS
     return np.where(total < 0, -scaled, scaled)
 
 
@@ -86,30 +101,31 @@ def _gelu_constants() -> tuple[int, int]:
 
 
 def silu_counts(currents: np.ndarray, spec: SiluSpec, argument: np.ndarray | None = None) -> np.ndarray:
-    """Golden integer core: int64 currents -> int64 output with n fractional bits.
+    """Golden integer core: currents -> int64 output with n fractional bits.
 
     `argument` is the integer z of x * sigma(z) (GELU); None means z = x (SiLU).
     """
     table = exp.build_table(spec.exp, spec.input_frac_bits)
+    currents = currents.astype(np.int64)
     negative = currents < 0
-    magnitude = np.abs(currents).astype(U64)
+    magnitude = np.abs(currents)
     shift = _output_shift(spec)
-    one = U64(1 << spec.sigmoid_frac_bits)
+    one = np.int64(1 << spec.sigmoid_frac_bits)
 
     if spec.form == "symmetric":
-        z = np.abs(currents if argument is None else argument)
-        numerator = exp.pwl_exp(-z, table)
-        denominator = numerator + U64(1 << spec.exp.value_bits)
-        q = division.divide(spec.division, numerator, denominator, spec.sigmoid_frac_bits, spec.rounding)
-        product = magnitude * q
-        result = np.where(negative, product, (magnitude << U64(spec.sigmoid_frac_bits)) - product).astype(U64)
-        return _round_magnitude(result, negative, shift, spec.rounding)
+        z = np.abs(currents if argument is None else argument.astype(np.int64))
+        numerator = exp.pwl_exp(-z, table).astype(np.int64)
+        denominator = numerator + np.int64(1 << spec.exp.value_bits)
+        q = division.divide(spec.division, numerator, denominator, spec.sigmoid_frac_bits, spec.rounding,
+                            _operands(spec))
+        factor = np.where(negative, q, one - q)
+        return _round_magnitude(magnitude * factor, negative, shift, spec.rounding)
 
     half_range = int(spec.exp.half_range * 2**spec.input_frac_bits)
-    numerator = exp.pwl_exp(-currents - half_range, table)
-    constant = U64(_paper_constant(spec))
+    numerator = exp.pwl_exp(-currents - half_range, table).astype(np.int64)
+    constant = np.int64(_paper_constant(spec))
     q = division.divide(spec.division, np.full_like(numerator, constant), numerator + constant,
-                        spec.sigmoid_frac_bits, spec.rounding)
+                        spec.sigmoid_frac_bits, spec.rounding, _operands(spec))
     q = np.minimum(q, one)
     result = _round_magnitude(magnitude * q, negative, shift, spec.rounding)
     return np.where(currents < -half_range, np.int64(0), result)
@@ -133,65 +149,80 @@ def spiking_gelu(x: np.ndarray, spec: GeluSpec) -> np.ndarray:
 # ---------------------------------------------------------------- ONNX functions
 
 
-def _signed_round(b: GraphBuilder, magnitude: str, negative: str, shift: int, rounding: bool) -> str:
-    if rounding:
-        offset = b.u64(1 << (shift - 1))
-    else:
-        offset = b.gate(negative, b.u64((1 << shift) - 1))
-    scaled = b.op("Cast", b.shr(b.op("Add", magnitude, offset), shift), to=7)
-    return b.op("Where", negative, b.op("Neg", scaled), scaled)
-
-
-def build_gelu_argument(frac_bits: int) -> FunctionSpec:
+def build_gelu_magnitude(frac_bits: int) -> FunctionSpec:
+    """|z| of `gelu_argument` from a = |x| (int32 in, int32 out): z has the sign of x."""
     c1, c3 = _gelu_constants()
 
     def body(b: GraphBuilder, inputs: list[str]) -> list[str]:
-        (currents,) = inputs
-        clipped = b.op("Clip", currents, b.i64(-(_GELU_CLIP << frac_bits)), b.i64(_GELU_CLIP << frac_bits))
-        magnitude = b.op("Cast", b.op("Abs", clipped), to=13)
-        square = b.shr(b.op("Mul", magnitude, magnitude), frac_bits)
-        cube = b.op("Cast", b.shr(b.op("Mul", square, magnitude), frac_bits), to=7)
-        negative = b.op("Less", clipped, b.i64(0))
-        cube = b.op("Where", negative, b.op("Neg", cube), cube)
-
+        (magnitude,) = inputs
+        clipped = b.cast(b.op("Min", magnitude, b.int_const(_GELU_CLIP << frac_bits, "int32")), "int64")
+        square = b.shr_int(b.op("Mul", clipped, clipped), frac_bits, "int64")
+        cube = b.shr_int(b.op("Mul", square, clipped), frac_bits, "int64")
         total = b.op("Add", b.op("Mul", clipped, b.i64(c1)), b.op("Mul", cube, b.i64(c3)))
-        scaled = b.op("Cast", b.shr(b.op("Cast", b.op("Abs", total), to=13), _GELU_CONST_BITS), to=7)
-        return [b.op("Where", b.op("Less", total, b.i64(0)), b.op("Neg", scaled), scaled)]
+        return [b.shr_int(total, _GELU_CONST_BITS, "int64", out="int32")]
 
-    return define_function("GeluArgument", {"frac_bits": frac_bits}, ["X"], 1, body,
-                           doc="Integer z = 1.5958 * (x + 0.044715 x^3) with x clipped to +-6.")
+    return define_function("GeluMagnitude", {"frac_bits": frac_bits}, ["A"], 1, body,
+                           doc="Integer |z| = 1.5958 * (a + 0.044715 a^3) >> 20 for a = |x| clipped to 6.")
+
+
+def _signed_output(b: GraphBuilder, currents: str, magnitude: str, factor: str, shift: int, rounding: bool,
+                   out_dtype: str) -> str:
+    """sign(x) * round(a * factor / 2^shift): half away from zero, or floor toward -inf."""
+    product = b.op("Mul", b.cast(magnitude, "int64"), b.cast(factor, "int64"))
+    if rounding:
+        offset = b.i64(1 << (shift - 1))
+    else:
+        # Floor toward -inf: round the magnitude of a negative y up.
+        negative = b.op("Neg", b.op("Clip", currents, b.int_const(-1, "int32"), b.int_const(0, "int32")))
+        offset = b.op("Mul", b.cast(negative, "int64"), b.i64((1 << shift) - 1))
+    scaled = b.shr_int(b.op("Add", product, offset), shift, "int64", out=out_dtype)
+    sign = b.op("Clip", currents, b.int_const(-1, "int32"), b.int_const(1, "int32"))
+    return b.op("Mul", scaled, sign if out_dtype == "int32" else b.cast(sign, out_dtype))
 
 
 def build_silu_core(spec: SiluSpec, gelu: bool = False) -> FunctionSpec:
-    exp_fn = exp.build_pwl_exp(spec.exp, spec.input_frac_bits)
-    divide_fn = division.build_divide(spec.division, spec.sigmoid_frac_bits, spec.rounding)
-    argument_fn = build_gelu_argument(spec.input_frac_bits) if gelu else None
+    table = exp.build_table(spec.exp, spec.input_frac_bits)
+    operands = _operands(spec)
+    exp_fn = exp.build_pwl_exp(spec.exp, spec.input_frac_bits, out_dtype=operands.dtype)
+    divide_fn = division.build_divide(spec.division, spec.sigmoid_frac_bits, spec.rounding, operands)
+    argument_fn = build_gelu_magnitude(spec.input_frac_bits) if gelu else None
     shift = _output_shift(spec)
+    out_dtype = _output_dtype(spec)
+    one = 1 << spec.sigmoid_frac_bits
+    reach = table.span + table.width  # K: offsets U run over [0, K]
 
     def body(b: GraphBuilder, inputs: list[str]) -> list[str]:
         (currents,) = inputs
-        negative = b.op("Less", currents, b.i64(0))
-        magnitude = b.op("Cast", b.op("Abs", currents), to=13)
+        magnitude = b.op("Abs", currents)
+        dtype = operands.dtype
 
         if spec.form == "symmetric":
-            argument = b.call(argument_fn, currents)[0] if argument_fn else currents
-            (numerator,) = b.call(exp_fn, b.op("Neg", b.op("Abs", argument)))
-            denominator = b.op("Add", numerator, b.u64(1 << spec.exp.value_bits))
+            argument = b.call(argument_fn, magnitude)[0] if argument_fn else magnitude
+            # U = K - |z| >= K - 2^31 + 128, inside int32.
+            offset = b.op("Max", b.op("Sub", b.int_const(reach, "int32"), argument), b.int_const(0, "int32"))
+            (numerator,) = b.call(exp_fn, offset)
+            denominator = b.op("Add", numerator, b.int_const(1 << spec.exp.value_bits, dtype))
             (q,) = b.call(divide_fn, numerator, denominator)
-            product = b.op("Mul", magnitude, q)
-            complement = b.op("Sub", b.shl(magnitude, spec.sigmoid_frac_bits), product)
-            result = b.select(negative, product, complement)
-            return [_signed_round(b, result, negative, shift, spec.rounding)]
+            # q for x < 0 and 2^s - q for x >= 0 (either for x = 0, where a = 0): |[x > 0] * 2^s - q|.
+            positive = b.op("Clip", currents, b.int_const(0, "int32"), b.int_const(1, "int32"))
+            upper = b.op("Mul", positive if dtype == "int32" else b.cast(positive, dtype), b.int_const(one, dtype))
+            factor = b.op("Abs", b.op("Sub", upper, q))
+            return [_signed_output(b, currents, magnitude, factor, shift, spec.rounding, out_dtype)]
 
         half_range = int(spec.exp.half_range * 2**spec.input_frac_bits)
-        (numerator,) = b.call(exp_fn, b.op("Sub", b.op("Neg", currents), b.i64(half_range)))
-        constant = b.u64(_paper_constant(spec))
-        constants = b.op("Add", b.op("Mul", numerator, b.u64(0)), constant)
+        # t = -x - H * 2^f, so U = H * 2^f + W - x, clamped by clamping x to [-H * 2^f, H * 2^f + W].
+        raised = b.op("Clip", currents, b.int_const(-half_range, "int32"),
+                      b.int_const(half_range + table.width, "int32"))
+        offset = b.op("Sub", b.int_const(half_range + table.width, "int32"), raised)
+        (numerator,) = b.call(exp_fn, offset)
+        constant = b.int_const(_paper_constant(spec), dtype)
+        constants = b.op("Expand", constant, b.op("Shape", numerator))
         (q,) = b.call(divide_fn, constants, b.op("Add", numerator, constant))
-        q = b.op("Min", q, b.u64(1 << spec.sigmoid_frac_bits))
-        result = _signed_round(b, b.op("Mul", magnitude, q), negative, shift, spec.rounding)
-        clipped = b.op("Less", currents, b.i64(-half_range))
-        return [b.op("Where", clipped, b.i64(0), result)]
+        q = b.op("Min", q, b.int_const(one, dtype))
+        # y = 0 below -H.
+        inside = b.cast(b.op("GreaterOrEqual", currents, b.int_const(-half_range, "int32")), dtype)
+        q = b.op("Mul", q, inside)
+        return [_signed_output(b, currents, magnitude, q, shift, spec.rounding, out_dtype)]
 
     calls = [exp_fn, divide_fn] + ([argument_fn] if argument_fn else [])
     kind = "GeluCore" if gelu else "SiluCore"
@@ -200,20 +231,21 @@ def build_silu_core(spec: SiluSpec, gelu: bool = False) -> FunctionSpec:
 
 
 def _special_onnx(d: DecodeBuilder, y: str) -> str:
+    # x * [x = +inf]: +inf at +inf, NaN at -inf and NaN (inf * 0, NaN * 0), +-0 elsewhere.
     b = d.b
-    y = d.set_where(y, b.op("Or", d.masks["nan"], d.masks["neg_inf"]), np.nan)
-    return d.set_where(y, d.masks["pos_inf"], np.inf)
+    return b.op("Add", y, b.op("Mul", d.x, b.op("Cast", d.masks["pos_inf"], to=1)))
 
 
 def build_spiking_silu(spec: SiluSpec) -> FunctionSpec:
     spec.validate()
     return build_site("Silu", asdict(spec), spec.input_frac_bits, INPUT_LIMIT, spec.frac_bits,
-                      build_silu_core(spec), lambda m: [m["currents"]], _special_onnx,
-                      doc="Spiking SiLU x * sigma(x) (float in, float out).")
+                      build_silu_core(spec), core_masks=[], decode_masks=["pos_inf"], special=_special_onnx,
+                      dtype="int32", doc="Spiking SiLU x * sigma(x) (float in, float out).")
 
 
 def build_spiking_gelu(spec: GeluSpec) -> FunctionSpec:
     spec.validate()
     return build_site("Gelu", asdict(spec), spec.input_frac_bits, INPUT_LIMIT, spec.frac_bits,
-                      build_silu_core(spec, gelu=True), lambda m: [m["currents"]], _special_onnx,
+                      build_silu_core(spec, gelu=True), core_masks=[], decode_masks=["pos_inf"],
+                      special=_special_onnx, dtype="int32",
                       doc="Spiking GELU x * sigma(1.5958 (x + 0.044715 x^3)) (float in, float out).")

@@ -29,6 +29,8 @@ from onnx_spike.precision import Precision, preset
 log = logging.getLogger(__name__)
 
 METADATA_KEY = "onnx_spike"
+# Model-local functions (FunctionProto in ModelProto.functions) came with IR version 8.
+MIN_FUNCTION_IR_VERSION = 8
 RULE_MODULES = {"softmax": [softmax], "silu": [silu], "rmsnorm": [norm], "layernorm": [norm], "gelu": [gelu]}
 
 
@@ -75,7 +77,13 @@ def _rules(recorder: SiteRecorder, kinds) -> list:
             if module not in modules:
                 modules.append(module)
     # Norm rules come before Softmax/SiLU rules only by module order; their anchors never overlap.
-    return [rule for module in modules for rule in module.rules(recorder)]
+    built = []
+    for module in modules:
+        if module is norm:
+            built += norm.rules(recorder, [kind for kind in kinds if kind in ("rmsnorm", "layernorm")])
+        else:
+            built += module.rules(recorder)
+    return built
 
 
 def _iter_nodes(graph: ir.Graph):
@@ -124,7 +132,8 @@ def upgrade_opset(proto: onnx.ModelProto, report: MatchReport) -> onnx.ModelProt
     """Upgrade a model below MIN_OPSET with the onnx version converter; reject unknown newer ones."""
     opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
     if opset is None:
-        raise ConversionError("the model imports no default-domain (ai.onnx) opset")
+        raise ConversionError("the model imports no default-domain (ai.onnx) opset, so it has no standard op to "
+                              "replace; if it was exported with standard ops, the file is truncated or corrupt")
     if opset > MAX_OPSET:
         raise ConversionError(f"default-domain opset {opset} is newer than the newest supported ({MAX_OPSET}); "
                               f"export at opset {MIN_OPSET} to {MAX_OPSET}")
@@ -144,6 +153,9 @@ def prepare(proto: onnx.ModelProto, report: MatchReport) -> ir.Model:
     if any(o.domain == DOMAIN for o in proto.opset_import) or any(f.domain == DOMAIN for f in proto.functions):
         raise AlreadyConvertedError("the model already contains onnx_spike functions (it was converted before); "
                                     "convert the original model instead")
+    if proto.ir_version > onnx.IR_VERSION:
+        raise ConversionError(f"IR version {proto.ir_version} is newer than the newest that onnx {onnx.__version__} "
+                              f"supports ({onnx.IR_VERSION}); upgrade onnx or export with an older exporter")
     proto = upgrade_opset(proto, report)
     try:
         proto = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
@@ -169,7 +181,8 @@ def convert_ir(model: ir.Model, options: ConvertOptions, report: MatchReport | N
     recorder = SiteRecorder(options.precision, options.ops, options.layers, options.node_pattern,
                             options.input_ranges)
     used_before = {name for name, value in model.graph.initializers.items() if value.uses()}
-    rules = _rules(recorder, options.ops)
+    # A kind without candidate anchors cannot match, so its rules (800+ for GELU) are not tried.
+    rules = _rules(recorder, [kind for kind in options.ops if report.found.get(kind)])
     if rules:
         pattern.RewriteRuleSet(rules).apply_to_model(model)
     _remove_dead_constants(model.graph, used_before)
@@ -191,6 +204,10 @@ def convert_ir(model: ir.Model, options: ConvertOptions, report: MatchReport | N
             function = ir.serde.deserialize_function(proto)
             model.functions[function.identifier()] = function
         model.opset_imports[DOMAIN] = DOMAIN_VERSION
+        if model.ir_version < MIN_FUNCTION_IR_VERSION:
+            report.notes.append(f"raised the IR version from {model.ir_version} to {MIN_FUNCTION_IR_VERSION}, "
+                                "the first that allows model-local functions")
+            model.ir_version = MIN_FUNCTION_IR_VERSION
         model.metadata_props[METADATA_KEY] = json.dumps({
             "version": onnx_spike.__version__,
             "precision": options.precision.to_dict(),

@@ -12,7 +12,7 @@ import math
 
 from onnxscript.rewriter import pattern
 
-from onnx_spike.passes.base import SpikeRule, constant
+from onnx_spike.passes.base import NearOpFilter, SpikeRule, constant
 
 
 def _close(value, expected: float, tolerance: float = 2e-3) -> bool:
@@ -22,8 +22,8 @@ def _close(value, expected: float, tolerance: float = 2e-3) -> bool:
 class DecomposedGelu(SpikeRule):
     kind = "gelu"
 
-    def __init__(self, recorder, form: str, structure: int):
-        super().__init__(recorder, f"Gelu{form.title()}{structure}")
+    def __init__(self, recorder, form: str, structure: int, root_filter=None):
+        super().__init__(recorder, f"Gelu{form.title()}{structure}", root_filter)
         self.form = form
         self.structure = structure
 
@@ -79,9 +79,12 @@ class FusedGelu(SpikeRule):
 
 def rules(recorder):
     built = []
+    # Every pattern ends in a Mul whose Erf or Tanh lies at most 3 producers up, so other nodes
+    # are skipped before any of the 800+ commuted variants is tried.
+    near_core = NearOpFilter({"Erf", "Tanh"}, depth=3)
     for form in ("erf", "tanh"):
         for structure in range(3):
-            built += DecomposedGelu.rule(recorder, form, structure).commute()
+            built.append(DecomposedGelu.commuted_rule(recorder, form, structure, near_core))
     for op_type, domain in [("Gelu", ""), ("Gelu", "com.microsoft"), ("FastGelu", "com.microsoft")]:
         built.append(FusedGelu.rule(recorder, op_type, domain))
     return built

@@ -16,7 +16,7 @@ import math
 import numpy as np
 from onnxscript.rewriter import _ir_utils
 
-from onnx_spike.passes.base import SpikeRule, constant, is_last_axis, last_dim
+from onnx_spike.passes.base import NearOpFilter, SpikeRule, constant, is_last_axis, last_dim
 
 
 def _last_axis_reduction(node, data) -> str | None:
@@ -41,9 +41,9 @@ def _epsilon(eps) -> float | str:
 class DecomposedNorm(SpikeRule):
     """x / sqrt(mean(x^2) + eps), with x centered first for LayerNorm."""
 
-    def __init__(self, recorder, center: bool, inverse: str):
+    def __init__(self, recorder, center: bool, inverse: str, root_filter=None):
         self.kind = "layernorm" if center else "rmsnorm"
-        super().__init__(recorder, f"Decomposed{'LayerNorm' if center else 'RmsNorm'}{inverse.title()}")
+        super().__init__(recorder, f"Decomposed{'LayerNorm' if center else 'RmsNorm'}{inverse.title()}", root_filter)
         self.center = center
         self.inverse = inverse
 
@@ -126,16 +126,23 @@ class FusedNorm(SpikeRule):
         return op.Add(y, bias) if self.with_bias else y
 
 
-def rules(recorder):
+def rules(recorder, kinds=("rmsnorm", "layernorm")):
+    """Build the rules of the norm kinds in `kinds`."""
     built = []
+    # Each decomposed pattern ends in a Mul or Div whose ReduceMean is 4 producers up at most.
+    near_mean = NearOpFilter({"ReduceMean"}, depth=4)
     # LayerNorm first: an RMSNorm pattern also matches a centered chain (its x is then the Sub
     # output), and for one anchor the first matching rule wins.
-    for center in (True, False):
+    for center, kind in ((True, "layernorm"), (False, "rmsnorm")):
+        if kind not in kinds:
+            continue
         for inverse in ("div", "reciprocal", "direct"):
-            built += DecomposedNorm.rule(recorder, center, inverse).commute()
-    for op_type, domain in [("RMSNormalization", ""), ("SimplifiedLayerNormalization", ""),
-                            ("SimplifiedLayerNormalization", "com.microsoft")]:
-        built.append(FusedNorm.rule(recorder, op_type, domain, with_bias=False))
-    built.append(FusedNorm.rule(recorder, "LayerNormalization", "", with_bias=True))
-    built.append(FusedNorm.rule(recorder, "LayerNormalization", "", with_bias=False))
+            built.append(DecomposedNorm.commuted_rule(recorder, center, inverse, near_mean))
+    if "rmsnorm" in kinds:
+        for op_type, domain in [("RMSNormalization", ""), ("SimplifiedLayerNormalization", ""),
+                                ("SimplifiedLayerNormalization", "com.microsoft")]:
+            built.append(FusedNorm.rule(recorder, op_type, domain, with_bias=False))
+    if "layernorm" in kinds:
+        built.append(FusedNorm.rule(recorder, "LayerNormalization", "", with_bias=True))
+        built.append(FusedNorm.rule(recorder, "LayerNormalization", "", with_bias=False))
     return built

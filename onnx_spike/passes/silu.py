@@ -3,14 +3,15 @@ com.microsoft `QuickGelu(x, alpha=1)`."""
 
 from __future__ import annotations
 
-from onnx_spike.passes.base import SpikeRule
+from onnx_spike.passes.base import NearOpFilter, SpikeRule
 
 
 class SigmoidTimesInput(SpikeRule):
     kind = "silu"
 
     def __init__(self, recorder, input_first: bool):
-        super().__init__(recorder, f"SigmoidTimesInput{'' if input_first else 'Swapped'}")
+        super().__init__(recorder, f"SigmoidTimesInput{'' if input_first else 'Swapped'}",
+                         NearOpFilter({"Sigmoid"}, depth=1))
         self.input_first = input_first
 
     def pattern(self, op, x):
@@ -38,7 +39,7 @@ class AlphaOneSilu(SpikeRule):
         attribute = anchor.attributes.get("alpha")
         alpha = 1.0 if attribute is None and self.op_type == "Swish" else (attribute.as_float() if attribute else 1.702)
         if alpha != 1.0:
-            return f"{self.op_type} with alpha {alpha} is not SiLU (only alpha = 1 is)"
+            return f"{self.op_type} with alpha {alpha:g} is not SiLU (only alpha = 1 is)"
         return None
 
     def rewrite(self, op, x, **_):

@@ -124,6 +124,9 @@ class SiteRecorder:
         self.input_ranges = input_ranges or {}
         self.frac_bits_rule = frac_bits_rule
         self.functions: dict[str, FunctionSpec] = {}
+        # (kind, precision, dim, epsilon) -> function: building one takes milliseconds, and a
+        # 32-layer model has over a hundred sites that share a handful of functions.
+        self._built: dict[tuple, FunctionSpec] = {}
         self.sites: list[Site] = []
         self.failures: dict[int, str] = {}  # id(anchor node) -> last reason
         self.replaced_anchors: set[int] = set()
@@ -153,7 +156,10 @@ class SiteRecorder:
         from onnx_spike.passes.calibrate import site_precision
 
         precision, frac_bits, input_range = site_precision(self.precision, kind, name, self.input_ranges)
-        function = build_site_function(kind, precision, dim=dim, epsilon=epsilon if epsilon is not None else 1e-5)
+        key = (kind, precision, dim, epsilon if epsilon is not None else 1e-5)
+        if key not in self._built:
+            self._built[key] = build_site_function(kind, precision, dim=key[2], epsilon=key[3])
+        function = self._built[key]
         self.functions.setdefault(function.name, function)
         site = Site(name=name, kind=kind, rule=rule, layer=layer, input_frac_bits=frac_bits, function=function.name,
                     dim=dim, epsilon=epsilon, input_range=input_range)

@@ -174,6 +174,7 @@ def evaluate(original: str | os.PathLike, converted: str | os.PathLike, plays: d
              window_length: int = 512, num_windows: int = 32, min_context: int = 32, cloze: bool = True,
              saturation_windows: int = 2, threads: int | None = None, progress: bool = True) -> EvaluationResult:
     """Perplexity, agreement, KL and cloze of `converted` against `original` on `plays`."""
+    spiking_sites(converted)  # fails early when `converted` is not a converted model
     windows, targets = cloze_targets(tokenizer, plays, window_length, num_windows, min_context)
     by_window: dict[int, list[ClozeTarget]] = {}
     for target in targets:
@@ -223,12 +224,14 @@ def validate(original: str | os.PathLike, converted: str | os.PathLike, windows:
              threads: int | None = None, progress: bool = True) -> dict:
     """Run both models on `windows` ([n, length] token ids); compare every output and the next-token
     distributions."""
+    spiking_sites(converted)  # fails early when `converted` is not a converted model
     session_original = make_session(original, threads)
     session_converted = make_session(converted, threads)
     names = [o.name for o in session_original.get_outputs()]
     converted_names = [o.name for o in session_converted.get_outputs()]
     if names != converted_names:
-        raise ValueError(f"outputs differ: original {names}, converted {converted_names}")
+        raise ValueError(f"the outputs of {converted} ({converted_names}) differ from those of {original} ({names}); "
+                         "give the converted model together with the original it was converted from")
     from onnx_spike.pipeline.runtime import window_feeds
 
     per_output = {name: {"max_abs_diff": 0.0, "sum_abs_diff": 0.0, "count": 0, "nan_mismatch": 0} for name in names}

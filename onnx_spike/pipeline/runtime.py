@@ -47,7 +47,12 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
 
 
 def make_session(path: str | os.PathLike, threads: int | None = None) -> ort.InferenceSession:
-    return ort.InferenceSession(str(model_file(path)), session_options(threads), providers=["CPUExecutionProvider"])
+    """Create an onnxruntime CPU session; raise RuntimeError naming the file when onnxruntime cannot load it."""
+    file = model_file(path)
+    try:
+        return ort.InferenceSession(str(file), session_options(threads), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime's exceptions derive from Exception only
+        raise RuntimeError(f"onnxruntime cannot load {file}: {error}") from error
 
 
 def window_feeds(session: ort.InferenceSession, tokens: np.ndarray) -> dict[str, np.ndarray]:
@@ -72,8 +77,9 @@ def window_feeds(session: ort.InferenceSession, tokens: np.ndarray) -> dict[str,
             shape[2] = 0
             feeds[spec.name] = np.zeros(shape, dtype=dtype)
         else:
-            raise ValueError(f"model input {spec.name!r} ({spec.type}) is not one this tool knows how to fill; "
-                             "give the inputs explicitly with --inputs")
+            raise ValueError(f"model input {spec.name!r} ({spec.type}) is not one this tool knows how to fill; it "
+                             "fills input_ids, attention_mask, position_ids, token_type_ids and past_key_values.*, "
+                             "as in an Optimum text-generation export")
     return feeds
 
 
@@ -87,10 +93,13 @@ def logits_of(session: ort.InferenceSession, tokens: np.ndarray) -> np.ndarray:
 
 def spiking_sites(converted: str | os.PathLike) -> list[dict]:
     """The per-site records of a converted model, with the name of each site's input value."""
-    proto = onnx.load(str(model_file(converted)), load_external_data=False)
+    from onnx_spike.pipeline.convert import load_model_proto
+
+    proto = load_model_proto(model_file(converted))
     metadata = {entry.key: entry.value for entry in proto.metadata_props}
     if "onnx_spike" not in metadata:
-        raise ValueError(f"{converted} has no onnx_spike metadata; it is not a converted model")
+        raise ValueError(f"{converted} has no onnx_spike metadata, so it is not a converted model; give the output "
+                         "of onnx-spike convert")
     sites = {site["name"]: site for site in json.loads(metadata["onnx_spike"])["sites"]}
 
     def visit(graph):
