@@ -200,8 +200,10 @@ def cmd_convert(args) -> int:
     check_paths(args.input, args.output, args.overwrite)
     if args.calibrate:
         from onnx_spike.calibrate import calibration_windows, measure_ranges
+        from onnx_spike.pipeline.convert import load_model_proto
         from onnx_spike.pipeline.runtime import model_file
 
+        load_model_proto(model_file(args.input))  # a clear error for a bad model file before calibration
         tokenizer = _tokenizer_for(args.input, args.tokenizer)
         windows = calibration_windows(tokenizer, args.calibrate, args.calibration_length, args.calibration_windows)
         options.input_ranges = measure_ranges(model_file(args.input), windows, options)

@@ -1,6 +1,6 @@
-"""Bad input files, unsupported models and invalid options: each ends in a correct result or in a
-clear error that names the file, node or value and what to do, with a non-zero exit code,
-no traceback unless --debug, and no output file left behind."""
+"""Bad input files, unsupported models and invalid options. Each case ends in a correct result or
+in a clear error. The error names the file, node or value and what to do, exits non-zero, shows no
+traceback unless --debug, and leaves no output file behind."""
 
 from __future__ import annotations
 
@@ -221,6 +221,30 @@ def test_not_an_onnx_file(tmp_path, capsys, content):
     assert "not_a_model.onnx" in err
     assert "not a readable ONNX model" in err or "no graph" in err or "truncated or corrupt" in err
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_truncated_model_with_calibration(tiny_export, tmp_path, capsys):
+    folder = tmp_path / "export"
+    shutil.copytree(tiny_export, folder)
+    model = folder / "model.onnx"
+    model.write_bytes(model.read_bytes()[:model.stat().st_size // 2])
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i % 59}" for i in range(400)))
+    code, _, err = run_cli(capsys, "convert", folder, tmp_path / "out", "--calibrate", text)
+    assert code == cli.EXIT_ERROR
+    assert "model.onnx is not a readable ONNX model" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibrated_convert_succeeds(tiny_export, tmp_path, capsys):
+    text = tmp_path / "text.txt"
+    text.write_text(" ".join(f"w{i % 59}" for i in range(400)))
+    code, _, _ = run_cli(capsys, "convert", tiny_export, tmp_path / "out", "--calibrate", text,
+                         "--calibration-length", "16", "--calibration-windows", "2")
+    assert code == 0
+    metadata = {entry.key: entry.value for entry in onnx.load(str(tmp_path / "out" / "model.onnx")).metadata_props}
+    sites = json.loads(metadata["onnx_spike"])["sites"]
+    assert all(site["input_range"] is not None for site in sites)
 
 
 def test_folder_without_model(tmp_path, capsys):
