@@ -138,7 +138,7 @@ def time_session(session: ort.InferenceSession, x: np.ndarray, repeats: int, war
 
 
 def cpu_time_session(model: onnx.ModelProto, x: np.ndarray, repeats: int, warmup: int) -> dict:
-    """Thread CPU time of `session.run` in milliseconds on one intra-op thread without spinning.
+    """Time `session.run` in thread CPU milliseconds on one intra-op thread without spinning.
 
     The calling thread does all the work, so its CPU time is the op's cost, and other
     processes on the machine inflate it far less than the wall time (memory and cache
@@ -159,7 +159,7 @@ def cpu_time_session(model: onnx.ModelProto, x: np.ndarray, repeats: int, warmup
 
 
 def profile_breakdown(model: onnx.ModelProto, x: np.ndarray, threads: int, runs: int, warmup: int) -> dict:
-    """Kernel time per op type and per ONNX function, in ms per call, from onnxruntime's profiler.
+    """Sum the kernel time per op type and per ONNX function (ms per call) from onnxruntime's profiler.
 
     The session runs `warmup + runs` times and only the last `runs` calls count: the first
     calls grow the memory arena and take several times longer. Worker threads do not spin, so
@@ -231,11 +231,11 @@ OP_COSTS = [
 ]
 
 
-def op_costs(threads: int, repeats: int) -> dict:
-    """Minimum thread CPU time in ms of single ops on OP_COST_ELEMENTS elements, one thread.
+def op_costs(repeats: int) -> dict:
+    """Time single ops on OP_COST_ELEMENTS elements: minimum thread CPU time in ms.
 
-    Runs on one intra-op thread without spinning, so the calling thread's CPU time is the op's
-    cost and other processes on the machine disturb it little. `threads` is recorded only.
+    Each op runs on one intra-op thread without spinning, so the calling thread's CPU time is
+    the op's cost, and other processes on the machine disturb it little.
     """
     numpy_types = {"int32": np.int32, "int64": np.int64, "uint32": np.uint32, "uint64": np.uint64,
                    "bool": np.bool_}
@@ -390,7 +390,7 @@ def main() -> None:
     parser.add_argument("--kinds", nargs="+", default=sorted(set(kind for kind, _, _ in CASES)),
                         help="operator kinds to run (default: all)")
     parser.add_argument("--skip-large", action="store_true",
-                        help="skip the [1, 9, 1024, 1024] attention scores (seconds per call for the paper preset)")
+                        help="skip the [1, 9, 1024, 1024] attention scores (up to seconds per call)")
     parser.add_argument("--no-profile", dest="profile", action="store_false",
                         help="skip the onnxruntime profiler breakdown")
     parser.add_argument("--profile-runs", type=int, default=5, help="runs averaged in the profile (default 5)")
@@ -415,7 +415,7 @@ def main() -> None:
               "repeats": args.repeats, "warmup": args.warmup, "rows": rows}
     if args.op_costs:
         print("single ops, thread CPU time (min):", flush=True)
-        result["op_costs"] = op_costs(args.threads, max(args.repeats, 20))
+        result["op_costs"] = op_costs(max(args.repeats, 20))
     with open(args.output, "w") as handle:
         json.dump(result, handle, indent=1)
     print()

@@ -20,8 +20,9 @@ from onnx import helper, numpy_helper
 DOMAIN = "onnx_spike"
 DOMAIN_VERSION = 1
 
-# Signed integer types of the hot paths and the unsigned type of the same width that BitShift
-# needs (onnxruntime has no signed BitShift below opset 28).
+# Integer types of the hot paths by name: (numpy type, ONNX type, the unsigned numpy type of
+# the same width, its ONNX type). BitShift needs the unsigned one, because ONNX BitShift takes
+# only unsigned types at the opsets these functions use.
 INTEGER_DTYPES = {
     "int32": (np.int32, onnx.TensorProto.INT32, np.uint32, onnx.TensorProto.UINT32),
     "int64": (np.int64, onnx.TensorProto.INT64, np.uint64, onnx.TensorProto.UINT64),
@@ -128,7 +129,7 @@ class GraphBuilder:
         return self.op("Cast", value, to=INTEGER_DTYPES[dtype][1])
 
     def shr_int(self, value: str, amount: int | str, dtype: str, out: str | None = None) -> str:
-        """Logical right shift of a non-negative signed `value` of type `dtype`.
+        """Logical right shift of a non-negative `value` of type `dtype`.
 
         `amount` is a constant or a tensor of the unsigned type of the same width. The result
         has type `out` (default `dtype`); casting a non-negative value to the other signed type
@@ -148,7 +149,7 @@ class GraphBuilder:
         return self.op("Cast", amount, to=INTEGER_DTYPES[dtype][3])
 
     def mul_mask(self, mask: str, value: str, dtype: str) -> str:
-        """`value` where the bool `mask` holds, else 0: Cast(mask) * value."""
+        """Return `value` where the bool `mask` is true, else 0, as Cast(mask) * value."""
         return self.op("Mul", self.cast(mask, dtype), value, name_hint="gate")
 
     def call(self, function: "FunctionSpec", *inputs: str) -> list[str]:

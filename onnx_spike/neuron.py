@@ -2,8 +2,8 @@
 
 State, non-negative integers (`lif_step` on uint64, `population_count` on int64):
 
-- membrane v: the integrated current; callers keep it below 2^62 (each primitive states its
-  bound and the type it uses); it never goes negative because a spike subtracts at most v.
+- membrane v: the integrated current. Callers keep it below 2^62, and each primitive states
+  its bound and the type it uses. It never goes negative because a spike subtracts at most v.
 - threshold theta >= 1: the firing level; a population of L neurons sharing one membrane has
   the ordered thresholds theta, 2*theta, ..., L*theta.
 - leak shift k: the leak per step is v >> k (k = 0 disables the leak, giving a plain IF neuron).

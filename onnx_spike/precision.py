@@ -138,7 +138,7 @@ class SiluSpec:
     input_frac_bits: int = 16  # int32 currents: |x| saturates at 2^(31 - f)
     frac_bits: int = 12  # output grid
     # Grid of the intermediate sigma before the product with x. 15 bits keep the max SiLU error
-    # on [-8, 8] at 2.4e-4 (16 bits: 1.8e-4, 14 bits: 3.7e-4); each bit costs one neuron step.
+    # on [-8, 8] at 2.4e-4 (16 bits: 1.8e-4, 14 bits: 3.7e-4), and each bit costs one neuron step.
     sigmoid_frac_bits: int = 15
     rounding: bool = True
     # "symmetric": sigma(-|x|) = e^-|x| / (1 + e^-|x|) on a table over [-2H, 0], no clip at -H.

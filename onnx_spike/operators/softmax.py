@@ -7,7 +7,8 @@ Integer state:
   int32: X is first raised to max(h - K, X) with h = max(max(X), -limit + K), and U is
   (X - h) + (K + h - max(X)); entries below max(X) - K read 0 either way.
 - E: int64 in [0, 2^P] (P = exp.value_bits); the row max gives exactly 2^P.
-- row sum S: int64 in [2^P, d * 2^P], below 2^62 for d < 2^(61 - P).
+- row sum S: int64 in [2^P, d * 2^P] (0 for a row of -inf, which the division reads as 1),
+  below 2^62 for d < 2^(61 - P).
 - output q: int64 in [0, 2^n], meaning q * 2^-n.
 
 Special values, as the float op: a row with NaN or +inf, or with every entry -inf, is NaN; a

@@ -47,7 +47,7 @@ _MAX_PRODUCT_SHIFT = 62
 
 @dataclass(frozen=True)
 class Operands:
-    """What a caller guarantees about A and B, so that the function picks narrow types.
+    """Guarantees of a caller about A and B, which let the division function pick narrow types.
 
     - numerator_bits, denominator_bits: A < 2^numerator_bits and B < 2^denominator_bits.
     - dtype: the type of A, B and Q in the function's signature ("int32" or "int64").
