@@ -325,10 +325,6 @@ def _node_of_error(error: Exception) -> str | None:
     return found.group(1) if found else None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "The final Reshape of RmsNormCore/LayerNormCore (operators/norm.py) takes the input's shape, and "
-    "without allowzero=1 ONNX copies a 0 in it from the data's dims, so a [batch, 0, hidden] input "
-    "fails inside the norm, before the original's own failing node"))
 @pytest.mark.parametrize("past", [0, 2])
 def test_empty_sequence_fails_like_original(tiny_exports, converted_exports, past):
     original = make_session(tiny_exports["fp32"])
@@ -342,7 +338,6 @@ def test_empty_sequence_fails_like_original(tiny_exports, converted_exports, pas
     assert _node_of_error(spiking_error.value) == _node_of_error(original_error.value)
 
 
-@pytest.mark.xfail(strict=True, reason="operators/norm.py: Reshape to the input shape lacks allowzero=1")
 @pytest.mark.parametrize("kind", ["rmsnorm", "layernorm"])
 def test_norm_of_empty_middle_axis(kind):
     model = operator_model(kind, preset("default"), ["batch", "seq", 8])
@@ -369,9 +364,6 @@ def test_softmax_over_empty_axis(preset_name):
     assert y.shape == (3, 0)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="operators/softmax.py golden: np.max over an empty last axis raises; "
-                          "pass initial=... or return early for size-0 rows")
 def test_softmax_golden_over_empty_axis():
     assert golden("softmax", np.zeros((3, 0), np.float32), preset("default")).shape == (3, 0)
 

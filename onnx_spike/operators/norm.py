@@ -160,7 +160,8 @@ def build_norm_core(plan: NormPlan) -> FunctionSpec:
         scaled = b.shr_int(scaled, plan.output_shift, "int64")
         # The sign of z; z = 0 gives a zero output anyway.
         signed = b.op("Mul", scaled, b.op("Clip", flat, b.i64(-1), b.i64(1)))
-        return [b.op("Reshape", signed, shape)]
+        # allowzero: a zero in the shape (an empty sequence) is a size, not "copy this dim".
+        return [b.op("Reshape", signed, shape, allowzero=1)]
 
     kind = "LayerNormCore" if plan.center else "RmsNormCore"
     return define_function(kind, plan.params(), ["X"], 1, body, calls=[polar_fn, divide_fn],

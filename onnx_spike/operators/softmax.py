@@ -47,6 +47,8 @@ def softmax_counts(currents: np.ndarray, excluded: np.ndarray, spec: SoftmaxSpec
     """Golden integer core: currents -> int64 probabilities with n fractional bits."""
     table = exp.build_table(spec.exp, spec.input_frac_bits)
     currents = currents.astype(np.int64)
+    if currents.shape[-1] == 0:
+        return np.zeros(currents.shape, dtype=np.int64)
     row_max = currents.max(axis=-1, keepdims=True)
     numerators = exp.pwl_exp(currents - row_max, table).astype(np.int64) * (~excluded)
 
