@@ -4,7 +4,9 @@ Core functions may hold integer and bool values only, with the ops that a neurom
 runs: add, subtract, compare, select, max/min, shifts, small table gathers, integer casts
 and integer multiply. The boundary functions (Encode, *Decode) may also use the float ops
 of the interface: Cast, Mul, Round, Clip, IsNaN, IsInf, Where and CastLike. Div, Exp, Log,
-Sqrt, Pow, Reciprocal, Sigmoid, Tanh, Erf, Softmax and normalization ops appear nowhere.
+Sqrt, Pow, Reciprocal, Sigmoid, Tanh, Erf, Softmax and normalization ops appear nowhere,
+except integer Div in functions built in the fast execution form, which computes the neuron
+counts in closed form.
 """
 
 from __future__ import annotations
@@ -27,6 +29,14 @@ INTEGER_TYPES = frozenset({
     onnx.TensorProto.UINT8, onnx.TensorProto.UINT16, onnx.TensorProto.UINT32, onnx.TensorProto.UINT64,
     onnx.TensorProto.BOOL,
 })
+
+
+# The fast execution form computes the neuron counts in closed form and may divide integers.
+FAST_FORM_OPS = frozenset({"Div"})
+
+
+def is_fast_form(function: onnx.FunctionProto) -> bool:
+    return '"form": "fast"' in function.doc_string
 
 
 def is_boundary(function_name: str) -> bool:
@@ -52,6 +62,8 @@ def violations(model: onnx.ModelProto) -> list[str]:
             continue
         boundary = is_boundary(function.name)
         allowed = BOUNDARY_OPS if boundary else INTEGER_OPS
+        if is_fast_form(function):
+            allowed = allowed | FAST_FORM_OPS
         for node in _nodes(function.node):
             where = f"function {function.name}, node {node.name or node.op_type}"
             if node.domain == DOMAIN:

@@ -120,7 +120,8 @@ def _options(args):
         except re.error as error:
             raise UsageError(f"--nodes: invalid regular expression {args.nodes!r}: {error}") from None
     return ConvertOptions(ops=_parse_ops(args.ops), precision=_precision(args), layers=_parse_layers(args.layers),
-                          node_pattern=args.nodes, inline=getattr(args, "inline", False))
+                          node_pattern=args.nodes, inline=getattr(args, "inline", False),
+                          form=getattr(args, "form", "loop"))
 
 
 def _add_selection(parser: argparse.ArgumentParser) -> None:
@@ -371,6 +372,9 @@ def build_parser() -> argparse.ArgumentParser:
                          help="tokens per calibration window, at least 8 (512)")
     convert.add_argument("--tokenizer", help="tokenizer folder, when the input is not an export folder")
     convert.add_argument("--inline", action="store_true", help="inline the spiking functions into the graph")
+    convert.add_argument("--form", choices=["loop", "fast"], default="loop",
+                         help="loop: neuron dynamics in ONNX Loops (the reference, default); fast: the same "
+                              "integers in closed form, with integer Div, for deployment speed")
     convert.add_argument("--overwrite", action="store_true", help="replace an existing output")
     convert.add_argument("--allow-empty", action="store_true", help="succeed even when nothing matched")
     convert.add_argument("--report-json", help="write the match report as JSON to this file")

@@ -8,6 +8,8 @@ module keeps that code close to the math: `b.op("Add", x, y)` returns the output
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import json
 from collections.abc import Callable, Sequence
@@ -236,6 +238,27 @@ class FunctionSpec:
         return list(seen.values())
 
 
+_FAST_FORM: contextvars.ContextVar[bool] = contextvars.ContextVar("onnx_spike_fast_form", default=False)
+
+
+@contextlib.contextmanager
+def execution_form(form: str):
+    """Build functions in the "loop" form (neuron dynamics in Loops, the reference) or the
+    "fast" form (the same integers in closed form, integer Div allowed) inside this block."""
+    if form not in ("loop", "fast"):
+        raise ValueError(f"unknown execution form {form!r}; choose 'loop' or 'fast'")
+    token = _FAST_FORM.set(form == "fast")
+    try:
+        yield
+    finally:
+        _FAST_FORM.reset(token)
+
+
+def fast_form() -> bool:
+    """Whether functions are being built in the fast form."""
+    return _FAST_FORM.get()
+
+
 def define_function(kind: str, params: dict, inputs: Sequence[str], num_outputs: int,
                     body: Callable[[GraphBuilder, list[str]], Sequence[str]],
                     calls: Sequence[FunctionSpec] = (), doc: str = "") -> FunctionSpec:
@@ -253,5 +276,8 @@ def define_function(kind: str, params: dict, inputs: Sequence[str], num_outputs:
         if name in input_names or name in constants or name in output_names:
             name = builder.op("Identity", name, name_hint=f"out{i}")
         output_names.append(name)
-    return FunctionSpec(kind=kind, params=dict(params), inputs=input_names, outputs=output_names,
+    params = dict(params)
+    if fast_form():
+        params["form"] = "fast"
+    return FunctionSpec(kind=kind, params=params, inputs=input_names, outputs=output_names,
                         nodes=builder.nodes, calls=list(calls), doc=doc)

@@ -258,3 +258,32 @@ def test_audit_flags_float_op_in_core():
     core.node.append(helper.make_node("Exp", [core.input[0]], ["bad"], name="sneaky_exp"))
     problems = audit.violations(model)
     assert any("sneaky_exp" in p and "Exp" in p for p in problems)
+
+
+# ------------------------------------------------------------------ the fast execution form
+
+
+@pytest.mark.parametrize("preset_name", PRESETS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_fast_form_bit_identical_to_loop_form(kind, preset_name):
+    precision = preset(preset_name)
+    shape = ["batch", 96]
+    loop_model = operator_model(kind, precision, shape)
+    fast_model = operator_model(kind, precision, shape, form="fast")
+    fast_ops = {node.op_type for function in fast_model.functions for node in function.node}
+    assert "Loop" not in fast_ops or kind in ("rmsnorm", "layernorm") and "Div" in fast_ops
+    assert "Div" in fast_ops
+    assert audit.violations(fast_model) == []
+    onnx.checker.check_model(fast_model, full_check=True)
+    for x in _inputs(kind, 96):
+        loop_out = make_session(loop_model).run(None, {"X": x})[0]
+        fast_out = make_session(fast_model).run(None, {"X": x})[0]
+        np.testing.assert_array_equal(fast_out, loop_out)
+        np.testing.assert_array_equal(fast_out, golden(kind, x, precision))
+
+
+def test_audit_rejects_div_in_loop_form():
+    model = operator_model("softmax", preset("default"), ["n", 8])
+    core = next(f for f in model.functions if f.name.startswith("SoftmaxCore"))
+    core.node.append(helper.make_node("Div", [core.input[0], core.input[0]], ["bad"], name="sneaky_div"))
+    assert any("sneaky_div" in p for p in audit.violations(model))

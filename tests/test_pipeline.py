@@ -186,3 +186,18 @@ def test_converted_folder_generates_with_optimum(converted, exported):
     assert spiking.shape == (1, 11)
     assert spiking[0, :5].tolist() == prompt[0].tolist()
     assert spiking.tolist() == original.tolist()
+
+
+def test_fast_form_conversion_gives_identical_logits(exported, converted, tmp_path, tokenizer, plays):
+    fast = tmp_path / "fast"
+    assert cli.main(["convert", str(exported), str(fast), "--form", "fast"]) == 0
+    windows, _ = cloze_targets(tokenizer, plays, 48, 2, 1)
+    loop_session, fast_session = make_session(converted), make_session(fast)
+    for tokens in windows:
+        np.testing.assert_array_equal(logits_of(fast_session, tokens), logits_of(loop_session, tokens))
+    ops = set()
+    import onnx
+
+    for function in onnx.load(str(fast / "model.onnx")).functions:
+        ops |= {node.op_type for node in function.node}
+    assert "Div" in ops and "Loop" not in ops

@@ -14,7 +14,7 @@ import onnx
 from onnx import helper
 
 from onnx_spike import bounds
-from onnx_spike.graph import FunctionSpec
+from onnx_spike.graph import FunctionSpec, execution_form
 from onnx_spike.library import MIN_OPSET, standalone_model
 from onnx_spike.operators import norm, silu, softmax
 from onnx_spike.precision import Precision
@@ -79,14 +79,15 @@ _ONNX_FLOAT_TYPES = {np.dtype(np.float32): onnx.TensorProto.FLOAT, np.dtype(np.f
 
 
 def operator_model(kind: str, precision: Precision, shape: Sequence[int | str], dtype=np.float32,
-                   opset: int = MIN_OPSET, epsilon: float = DEFAULT_EPSILON) -> onnx.ModelProto:
+                   opset: int = MIN_OPSET, epsilon: float = DEFAULT_EPSILON, form: str = "loop") -> onnx.ModelProto:
     """A standalone model `Y = spiking_op(X)` for one operator, X and Y of `shape` and `dtype`.
 
     The last axis of `shape` must be a number for the norms. Passes
     `onnx.checker.check_model(full_check=True)` and strict shape inference.
     """
     dim = shape[-1] if isinstance(shape[-1], int) else None
-    function = build_site_function(kind, precision, dim=dim, epsilon=epsilon)
+    with execution_form(form):
+        function = build_site_function(kind, precision, dim=dim, epsilon=epsilon)
     elem_type = _ONNX_FLOAT_TYPES.get(np.dtype(dtype))
     if elem_type is None:
         raise ValueError(f"unsupported dtype {dtype}; use float32, float16 or float64")

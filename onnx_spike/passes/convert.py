@@ -20,7 +20,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
 import onnx_spike
-from onnx_spike.graph import DOMAIN, DOMAIN_VERSION
+from onnx_spike.graph import DOMAIN, DOMAIN_VERSION, execution_form
 from onnx_spike.library import MAX_OPSET, MIN_OPSET, function_protos
 from onnx_spike.passes import gelu, norm, silu, softmax
 from onnx_spike.passes.sites import ANCHORS, DEFAULT_KINDS, KINDS, MatchReport, SiteRecorder, Skip, node_name
@@ -59,10 +59,13 @@ class ConvertOptions:
     node_pattern: str | None = None
     input_ranges: dict[str, float] | None = None  # site name -> calibrated max |x|
     inline: bool = False
+    form: str = "loop"  # "loop": neuron dynamics in Loops (the reference); "fast": closed form
 
     def validate(self) -> "ConvertOptions":
         if not self.ops:
             raise ConversionError("the op selection is empty; choose at least one of " + ", ".join(KINDS))
+        if self.form not in ("loop", "fast"):
+            raise ConversionError(f"unknown execution form {self.form!r}; choose loop or fast")
         unknown = [kind for kind in self.ops if kind not in KINDS]
         if unknown:
             raise ConversionError(f"unknown op kind(s) {', '.join(unknown)}; choose from {', '.join(KINDS)}")
@@ -184,7 +187,8 @@ def convert_ir(model: ir.Model, options: ConvertOptions, report: MatchReport | N
     # A kind without candidate anchors cannot match, so its rules (800+ for GELU) are not tried.
     rules = _rules(recorder, [kind for kind in options.ops if report.found.get(kind)])
     if rules:
-        pattern.RewriteRuleSet(rules).apply_to_model(model)
+        with execution_form(options.form):
+            pattern.RewriteRuleSet(rules).apply_to_model(model)
     _remove_dead_constants(model.graph, used_before)
 
     for node, kind in candidates.values():
@@ -212,6 +216,7 @@ def convert_ir(model: ir.Model, options: ConvertOptions, report: MatchReport | N
             "version": onnx_spike.__version__,
             "precision": options.precision.to_dict(),
             "ops": list(options.ops),
+            "form": options.form,
             "sites": [vars(site) for site in recorder.sites],
         })
     return report

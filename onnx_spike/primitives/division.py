@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnx_spike.graph import FunctionSpec, GraphBuilder, define_function, dtype_for_bits
+from onnx_spike.graph import fast_form, FunctionSpec, GraphBuilder, define_function, dtype_for_bits
 from onnx_spike.neuron import U64, population_count
 
 _BIT_LENGTH_STEPS = (32, 16, 8, 4, 2, 1)
@@ -204,13 +204,21 @@ def build_bit_length(dtype: str = "int64", max_bits: int = 63) -> FunctionSpec:
                            doc="Bit length (int32) of non-negative integers by a comparator bisection (0 for 0).")
 
 
-def emit_bitserial_neuron(b: GraphBuilder, numerator: str, denominator: str, steps: int, dtype: str) -> str:
+def emit_bitserial_neuron(b: GraphBuilder, numerator: str, denominator: str, steps: int, dtype: str,
+                          numerator_bits: int | None = None) -> str:
     """Emit `steps` steps of the bit-serial IF neuron on 0 <= A <= B (type `dtype`); return the count.
 
     The membrane stays in [0, 2B) because it starts at A <= B, a spike leaves it below B, and
     the doubling brings it below 2B.
     """
     zero = b.int_const(0, dtype)
+    if numerator_bits is None:
+        numerator_bits = 31 if dtype in ("int32", "uint32") else 62
+    if fast_form() and numerator_bits + steps - 1 <= 62:
+        # Closed form of the same count: the neuron's spikes are the bits of floor(A * 2^(k-1) / B)
+        # for k steps and A <= B (exact: both are non-negative, so Div truncates to the floor).
+        scaled = b.op("Mul", b.cast(numerator, "int64"), b.i64(1 << (steps - 1)))
+        return b.cast(b.op("Div", scaled, b.cast(denominator, "int64")), dtype)
 
     def step(s: GraphBuilder, _iteration: str, state: list[str]) -> list[str]:
         membrane, count = state
@@ -266,7 +274,8 @@ def build_divide_reciprocal(frac_bits: int, recip_bits: int, rounding: bool,
             right = b.op("Max", b.op("Sub", length, b.int_const(m + 1, "int32")), b.int_const(0, "int32"))
             right_u = b.shift_amount(right, "int64")
             scaled_den = b.op("BitShift", scaled_den, right_u, direction="RIGHT")
-        recip = emit_bitserial_neuron(b, b.i64(1 << m), b.cast(scaled_den, "int64"), m + 2, "int64")
+        recip = emit_bitserial_neuron(b, b.i64(1 << m), b.cast(scaled_den, "int64"), m + 2, "int64",
+                                      numerator_bits=m + 1)
 
         # Per numerator: one product and one shift.
         shift = b.op("Sub", b.int_const(2 * m + 1 - frac_bits, "int32"), left)
@@ -309,6 +318,10 @@ def emit_population(b: GraphBuilder, membrane: str, theta: str, time_steps: int,
     charge as the comparisons of the full membrane with the partial sums of the thresholds.
     """
     levels = neurons.bit_length() - 1
+    if fast_form():
+        # Closed form: T steps of L neurons emit min(T*L, floor(v / theta)) spikes in total.
+        quotient = b.op("Div", b.cast(membrane, "int64"), b.cast(theta, "int64"))
+        return b.cast(b.op("Min", quotient, b.i64(time_steps * neurons)), dtype)
     thresholds = [theta] + [b.op("Mul", theta, b.int_const(1 << bit, dtype)) for bit in range(1, levels)]
 
     def step(s: GraphBuilder, _iteration: str, state: list[str]) -> list[str]:
