@@ -15,8 +15,7 @@ from onnx import helper
 torch = pytest.importorskip("torch")
 pytest.importorskip("optimum.onnxruntime")
 
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from onnx_spike import cli  # noqa: E402
 from onnx_spike.fixedpoint import INT32_LIMIT  # noqa: E402
@@ -24,41 +23,23 @@ from onnx_spike.operators.site import encode_currents  # noqa: E402
 from onnx_spike.pipeline import energy  # noqa: E402
 from onnx_spike.pipeline.energy import (CountingEvaluator, SiteRunner, energy_report, float_op_counts,  # noqa: E402
                                         function_closure, model_functions)
-from onnx_spike.pipeline.export import export_model  # noqa: E402
 from onnx_spike.pipeline.histograms import error_histograms, model_precision, site_precision  # noqa: E402
 from onnx_spike.pipeline.runtime import SiteProbe, model_file, spiking_sites, window_feeds  # noqa: E402
 from onnx_spike.primitives import division, exp  # noqa: E402
+from tiny_llama import export_tiny_llama, play_text, word_tokenizer  # noqa: E402
 
-WORDS = [f"wrd{chr(97 + i // 26)}{chr(97 + i % 26)}" for i in range(200)]
 LENGTH = 48
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _text(seed: int, lines: int = 200) -> str:
-    rng = np.random.default_rng(seed)
-    return "\n".join(" ".join(rng.choice(WORDS, size=rng.integers(4, 9))) + "." for _ in range(lines))
-
-
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", "<pad>", "."] + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                     pre_tokenizers.Punctuation()])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", model_input_names=["input_ids", "attention_mask"])
+    return word_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("hf")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=True)
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return export_model(folder, tmp_path_factory.mktemp("onnx") / "original", progress=False)
+    return export_tiny_llama(tmp_path_factory, tokenizer)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +52,7 @@ def converted(exported, tmp_path_factory):
 @pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "text.txt"
-    path.write_text(_text(1))
+    path.write_text(play_text(1, 200))
     return path
 
 

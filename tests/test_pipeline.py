@@ -15,47 +15,27 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("optimum.onnxruntime")
 
-from tokenizers import Tokenizer, models, pre_tokenizers  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from onnx_spike import cli  # noqa: E402
 from onnx_spike.pipeline.evaluate import cloze_targets, evaluate, log_softmax, validate  # noqa: E402
-from onnx_spike.pipeline.export import export_model  # noqa: E402
 from onnx_spike.pipeline.runtime import SiteProbe, logits_of, make_session, spiking_sites  # noqa: E402
-
-WORDS = [f"wrd{chr(97 + i // 26)}{chr(97 + i % 26)}" for i in range(200)]
-
-
-def _play_text(seed: int, lines: int = 400) -> str:
-    rng = np.random.default_rng(seed)
-    return "\n".join(" ".join(rng.choice(WORDS, size=rng.integers(4, 9))) + "." for _ in range(lines))
+from tiny_llama import export_tiny_llama, play_text, word_tokenizer  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def plays() -> dict[str, str]:
-    return {"first": _play_text(1), "second": _play_text(2)}
+    return {"first": play_text(1), "second": play_text(2)}
 
 
 @pytest.fixture(scope="module")
 def tokenizer() -> PreTrainedTokenizerFast:
-    vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", "<pad>", "."] + WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
-                                                     pre_tokenizers.Punctuation()])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>", model_input_names=["input_ids", "attention_mask"])
+    return word_tokenizer()
 
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("hf")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=3, tie_word_embeddings=True)
-    LlamaForCausalLM(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return export_model(folder, tmp_path_factory.mktemp("onnx") / "original", progress=False)
+    return export_tiny_llama(tmp_path_factory, tokenizer)
 
 
 @pytest.fixture(scope="module")
