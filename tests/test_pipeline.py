@@ -181,3 +181,15 @@ def test_fast_form_conversion_gives_identical_logits(exported, converted, tmp_pa
     for function in onnx.load(str(fast / "model.onnx")).functions:
         ops |= {node.op_type for node in function.node}
     assert "Div" in ops and "Loop" not in ops
+
+
+def test_main_job_logits_check(exported, converted, tmp_path, tokenizer, plays):
+    from onnx_spike.pipeline.main_job import check_same_logits
+
+    fast = tmp_path / "fast"
+    paper = tmp_path / "paper"
+    assert cli.main(["convert", str(exported), str(fast), "--form", "fast"]) == 0
+    assert cli.main(["convert", str(exported), str(paper), "--preset", "paper"]) == 0
+    check_same_logits(converted, fast, tokenizer, plays, threads=1, length=32)
+    with pytest.raises(RuntimeError, match="different logits"):
+        check_same_logits(converted, paper, tokenizer, plays, threads=1, length=32)
