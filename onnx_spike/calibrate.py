@@ -30,7 +30,6 @@ def measure_ranges(model: str | os.PathLike, windows: np.ndarray, options: Conve
     del proto
     sites = [{"name": name, "input": value, "kind": "", "input_frac_bits": 0} for name, value in inputs.items()]
     probe = SiteProbe(path, sites, threads)
-    kinds = {}
     try:
         ranges: dict[str, float] = {}
         names = sorted({site["input"] for site in probe.sites})
@@ -48,7 +47,6 @@ def measure_ranges(model: str | os.PathLike, windows: np.ndarray, options: Conve
     missing = set(inputs) - set(ranges)
     if missing:
         log.warning("%d sites inside subgraphs or without finite values keep the static scale", len(missing))
-    del kinds
     return ranges
 
 

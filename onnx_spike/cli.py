@@ -1,14 +1,14 @@
-"""The `onnx-spike` command line.
+"""Replace the Softmax, SiLU and norms of exported LLMs with spiking integer operators.
 
-Exit codes: 0 success; 1 an error (the message says what failed and what to do); 2 invalid
-command-line usage; 3 `convert` found nothing to replace (pass --allow-empty to accept that).
-Tracebacks are shown only with --debug.
+This is the `onnx-spike` command line. Exit codes: 0 success; 1 an error (the message says
+what failed and what to do); 2 invalid command-line usage; 3 `convert` found nothing to
+replace (pass --allow-empty to accept that); 4 `main` missed a fidelity target with the
+default preset. Tracebacks are shown only with --debug.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os

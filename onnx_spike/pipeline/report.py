@@ -1,4 +1,4 @@
-"""Readable renderings of validation and evaluation results (the JSON holds the same data)."""
+"""Readable renderings of validation and evaluation results; the JSON output contains the same data."""
 
 from __future__ import annotations
 
@@ -55,7 +55,7 @@ def render_evaluation(results: list[dict], label: str = "") -> str:
 
 
 def fidelity_rows(preset: str, results: list[dict]) -> list[dict]:
-    """One row per window length with each target and whether it is met."""
+    """Build one row per window length with its targets and whether each is met."""
     rows = []
     for result in results:
         length = result["window_length"]
