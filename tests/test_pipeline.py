@@ -193,3 +193,16 @@ def test_main_job_logits_check(exported, converted, tmp_path, tokenizer, plays):
     check_same_logits(converted, fast, tokenizer, plays, threads=1, length=32)
     with pytest.raises(RuntimeError, match="different logits"):
         check_same_logits(converted, paper, tokenizer, plays, threads=1, length=32)
+
+
+def test_fidelity_rows_check_targets_both_ways():
+    from onnx_spike.pipeline.report import fidelity_rows
+
+    def result(change, top1=0.99, cloze_difference=0.0):
+        return {"window_length": 512, "perplexity_original": 10.0, "perplexity_converted": 10.0 * (1 + change),
+                "perplexity_change": change, "top1_agreement": top1,
+                "cloze": {"items": 1000, "difference": cloze_difference, "standard_error": 0.001}}
+
+    rows = fidelity_rows("default", [result(0.005), result(0.02), result(-0.3), result(0.0, top1=0.9),
+                                     result(0.0, cloze_difference=-0.01)])
+    assert [row["meets_targets"] for row in rows] == [True, False, False, False, False]

@@ -66,7 +66,8 @@ def fidelity_rows(preset: str, results: list[dict]) -> list[dict]:
                "change_target": target, "top1": result["top1_agreement"],
                "cloze_items": cloze.get("items"), "cloze_diff": cloze.get("difference"),
                "cloze_se": cloze.get("standard_error")}
-        met = [target is None or result["perplexity_change"] <= target, result["top1_agreement"] >= TOP1_TARGET]
+        # Two-sided: a large drop in perplexity means the model changed as much as a rise would.
+        met = [target is None or abs(result["perplexity_change"]) <= target, result["top1_agreement"] >= TOP1_TARGET]
         if cloze:
             met.append(abs(cloze["difference"]) <= CLOZE_TARGET)
         row["meets_targets"] = all(met)
