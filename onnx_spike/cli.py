@@ -151,7 +151,12 @@ def _write_json(path: str | None, data) -> None:
 def _tokenizer_for(path: str, explicit: str | None):
     from onnx_spike.pipeline.evaluate import load_tokenizer
 
-    folder = Path(explicit) if explicit else (Path(path) if Path(path).is_dir() else Path(path).parent)
+    if explicit:
+        folder = Path(explicit)
+    elif Path(path).is_dir():
+        folder = Path(path)
+    else:
+        folder = Path(path).parent
     if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer_config.json").exists():
         raise UsageError(f"no tokenizer in {folder}; give an export folder or --tokenizer FOLDER")
     return load_tokenizer(folder)

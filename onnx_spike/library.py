@@ -11,7 +11,7 @@ from onnx_spike.graph import DOMAIN, DOMAIN_VERSION, FunctionSpec
 
 # Function bodies use ReduceMax/ReduceSum with axes as an input (opset 18).
 MIN_OPSET = 18
-# Newest default-domain opset the bodies were checked against (onnx 1.23 knows up to 25).
+# Newest default-domain opset the bodies were checked against (onnx 1.23 defines up to 25).
 MAX_OPSET = 24
 
 

@@ -57,3 +57,31 @@ def run_operator(kind: str, preset_name: str, x: np.ndarray, optimize: bool = Tr
 @pytest.fixture(params=[True, False], ids=["ort-optimized", "ort-unoptimized"])
 def optimize(request) -> bool:
     return request.param
+
+
+# ------------------------------------------------------------------ the tiny exported Llama
+# Shared by the pipeline and report tests; a test module may define its own fixtures of these
+# names to use another model.
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from tiny_llama import word_tokenizer
+
+    return word_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def exported(tmp_path_factory, tokenizer):
+    from tiny_llama import export_tiny_llama
+
+    return export_tiny_llama(tmp_path_factory, tokenizer)
+
+
+@pytest.fixture(scope="session")
+def converted(exported, tmp_path_factory):
+    from onnx_spike import cli
+
+    output = tmp_path_factory.mktemp("spiking") / "converted"
+    assert cli.main(["convert", str(exported), str(output)]) == 0
+    return output

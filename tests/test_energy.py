@@ -15,8 +15,6 @@ from onnx import helper
 torch = pytest.importorskip("torch")
 pytest.importorskip("optimum.onnxruntime")
 
-from transformers import PreTrainedTokenizerFast  # noqa: E402
-
 from onnx_spike import cli  # noqa: E402
 from onnx_spike.fixedpoint import INT32_LIMIT  # noqa: E402
 from onnx_spike.operators.site import encode_currents  # noqa: E402
@@ -26,27 +24,10 @@ from onnx_spike.pipeline.energy import (CountingEvaluator, SiteRunner, energy_re
 from onnx_spike.pipeline.histograms import error_histograms, model_precision, site_precision  # noqa: E402
 from onnx_spike.pipeline.runtime import SiteProbe, model_file, spiking_sites, window_feeds  # noqa: E402
 from onnx_spike.primitives import division, exp  # noqa: E402
-from tiny_llama import export_tiny_llama, play_text, word_tokenizer  # noqa: E402
+from tiny_llama import play_text  # noqa: E402
 
 LENGTH = 48
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    return word_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, tokenizer):
-    return export_tiny_llama(tmp_path_factory, tokenizer)
-
-
-@pytest.fixture(scope="module")
-def converted(exported, tmp_path_factory):
-    output = tmp_path_factory.mktemp("spiking") / "converted"
-    assert cli.main(["convert", str(exported), str(output)]) == 0
-    return output
 
 
 @pytest.fixture(scope="module")

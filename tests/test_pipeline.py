@@ -15,12 +15,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("optimum.onnxruntime")
 
-from transformers import PreTrainedTokenizerFast  # noqa: E402
-
 from onnx_spike import cli  # noqa: E402
 from onnx_spike.pipeline.evaluate import cloze_targets, evaluate, log_softmax, validate  # noqa: E402
 from onnx_spike.pipeline.runtime import SiteProbe, logits_of, make_session, spiking_sites  # noqa: E402
-from tiny_llama import export_tiny_llama, play_text, word_tokenizer  # noqa: E402
+from tiny_llama import play_text  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -28,29 +26,14 @@ def plays() -> dict[str, str]:
     return {"first": play_text(1), "second": play_text(2)}
 
 
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    return word_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory, tokenizer):
-    return export_tiny_llama(tmp_path_factory, tokenizer)
-
-
-@pytest.fixture(scope="module")
-def converted(exported, tmp_path_factory):
-    output = tmp_path_factory.mktemp("spiking") / "converted"
-    assert cli.main(["convert", str(exported), str(output)]) == 0
-    return output
-
-
 def test_convert_cli_writes_folder_with_tokenizer(converted, exported):
     assert (converted / "model.onnx").exists()
     assert (converted / "config.json").read_text() == (exported / "config.json").read_text()
     assert (converted / "tokenizer.json").exists()
     kinds = [site["kind"] for site in spiking_sites(converted)]
-    assert kinds.count("softmax") == 2 and kinds.count("silu") == 2 and kinds.count("rmsnorm") == 5
+    assert kinds.count("softmax") == 2
+    assert kinds.count("silu") == 2
+    assert kinds.count("rmsnorm") == 5
 
 
 def test_inspect_cli_prints_counts(exported, capsys):
@@ -180,7 +163,8 @@ def test_fast_form_conversion_gives_identical_logits(exported, converted, tmp_pa
 
     for function in onnx.load(str(fast / "model.onnx")).functions:
         ops |= {node.op_type for node in function.node}
-    assert "Div" in ops and "Loop" not in ops
+    assert "Div" in ops
+    assert "Loop" not in ops
 
 
 def test_main_job_logits_check(exported, converted, tmp_path, tokenizer, plays):

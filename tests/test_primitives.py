@@ -53,9 +53,11 @@ def test_bit_length_with_narrow_range(optimize, dtype, max_bits):
 
 def test_lif_step_soft_reset_and_leak():
     membrane, spike = lif_step(np.array([10], U64), np.array([7], U64), np.array([8], U64))
-    assert spike[0] == 1 and membrane[0] == 9
+    assert spike[0] == 1
+    assert membrane[0] == 9
     membrane, spike = lif_step(np.array([16], U64), np.array([0], U64), np.array([100], U64), leak_shift=2)
-    assert spike[0] == 0 and membrane[0] == 12
+    assert spike[0] == 0
+    assert membrane[0] == 12
 
 
 @pytest.mark.parametrize("neurons", [1, 2, 16, 64])

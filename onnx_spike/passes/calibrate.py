@@ -41,8 +41,8 @@ def calibrated_frac_bits(precision: Precision, kind: str, input_range: float) ->
     upper = min(default + 4, MAX_FRAC_BITS[kind])
     if input_range <= 0 or not math.isfinite(input_range):
         return default
-    wanted = math.floor(LIMIT_BITS[kind] - math.log2(HEADROOM * input_range))
-    frac_bits = max(min(wanted, upper), 0)
+    fitting = math.floor(LIMIT_BITS[kind] - math.log2(HEADROOM * input_range))
+    frac_bits = max(min(fitting, upper), 0)
     while frac_bits < upper and not _valid(precision, kind, frac_bits):
         frac_bits += 1
     return frac_bits

@@ -44,7 +44,7 @@ FUSED_ATTENTION_REASON = ("the Softmax is fused inside this attention op and is 
 
 
 class ConversionError(ValueError):
-    """The model cannot be converted as asked; the message says why and what to do."""
+    """The model cannot be converted as requested; the message gives the reason and what to do."""
 
 
 class AlreadyConvertedError(ConversionError):

@@ -37,7 +37,10 @@ class AlphaOneSilu(SpikeRule):
 
     def site_check(self, context, anchor, **_):
         attribute = anchor.attributes.get("alpha")
-        alpha = 1.0 if attribute is None and self.op_type == "Swish" else (attribute.as_float() if attribute else 1.702)
+        if attribute is not None:
+            alpha = attribute.as_float()
+        else:
+            alpha = 1.0 if self.op_type == "Swish" else 1.702  # the ops' default alphas
         if alpha != 1.0:
             return f"{self.op_type} with alpha {alpha:g} is not SiLU (only alpha = 1 is)"
         return None

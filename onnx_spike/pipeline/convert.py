@@ -97,7 +97,7 @@ def load_model_proto(path: Path) -> onnx.ModelProto:
         raise ConversionError(f"{path} is not a readable ONNX model ({type(error).__name__}: {error}); "
                               "check that the file is complete") from error
     if not proto.graph.node and not proto.graph.output:
-        raise ConversionError(f"{path} holds no graph; it is not an ONNX model or it is truncated")
+        raise ConversionError(f"{path} contains no graph; it is not an ONNX model or it is truncated")
     _check_graph_complete(path, proto)
     _check_external_data(path, proto)
     return proto

@@ -73,7 +73,9 @@ def window_feeds(session: ort.InferenceSession, tokens: np.ndarray) -> dict[str,
         elif spec.name == "token_type_ids":
             feeds[spec.name] = np.zeros((batch, length), dtype=dtype)
         elif spec.name.startswith("past_key_values") or spec.name.startswith("past"):
-            shape = [batch if i == 0 else (0 if not isinstance(d, int) else d) for i, d in enumerate(spec.shape)]
+            # Batch first, an empty sequence axis (2), and the static sizes elsewhere.
+            shape = [d if isinstance(d, int) else 0 for d in spec.shape]
+            shape[0] = batch
             shape[2] = 0
             feeds[spec.name] = np.zeros(shape, dtype=dtype)
         else:
