@@ -12,7 +12,8 @@ records the ratios to the native op, the error of both against the exact op in f
 same input, and a per-op-type breakdown of the spiking operator from onnxruntime's profiler.
 
 Usage:
-    python benchmarks/operators.py --output results.json [--skip-large] [--threads 2] [--op-costs]
+    python benchmarks/operators.py --output results.json [--skip-large] [--threads 2] [--forms loop fast]
+        [--op-costs]
 """
 
 from __future__ import annotations
@@ -331,8 +332,8 @@ def run_case(kind: str, shape: tuple[int, ...], scale: float, presets: list[str]
     native_errors = errors(native.run(None, {"X": x})[0], exact)
 
     rows = []
-    for preset_name in presets:
-        model = operator_model(kind, preset(preset_name), list(shape), epsilon=EPSILON)
+    for preset_name, form in [(p, f) for p in presets for f in args.forms]:
+        model = operator_model(kind, preset(preset_name), list(shape), epsilon=EPSILON, form=form)
         large = x.size >= LARGE_ELEMENTS
         spiking = make_session(model, args.threads)
         started = time.perf_counter()
@@ -342,7 +343,7 @@ def run_case(kind: str, shape: tuple[int, ...], scale: float, presets: list[str]
         spiking_time = time_session(spiking, x, repeats, 1 if large else args.warmup)
         spiking_cpu = cpu_time_session(model, x, 2 if large else args.repeats, 1 if large else args.warmup)
         row = {
-            "kind": kind, "shape": list(shape), "preset": preset_name,
+            "kind": kind, "shape": list(shape), "preset": preset_name, "form": form,
             "native_op": NATIVE_DESCRIPTION[kind],
             "native": native_time, "spiking": spiking_time, "spiking_first_run_ms": first_ms,
             "native_cpu_1thread": native_cpu, "spiking_cpu_1thread": spiking_cpu,
@@ -353,20 +354,20 @@ def run_case(kind: str, shape: tuple[int, ...], scale: float, presets: list[str]
         if args.profile and not large:
             row["profile"] = profile_breakdown(model, x, args.profile_threads, args.profile_runs, args.warmup)
         rows.append(row)
-        print(f"  {kind:9s} {str(list(shape)):20s} {preset_name:7s} spiking {spiking_time['median_ms']:9.2f} ms"
+        print(f"  {kind:9s} {str(list(shape)):20s} {preset_name:7s} {form:4s} spiking {spiking_time['median_ms']:9.2f} ms"
               f"  native {native_time['median_ms']:7.3f} ms  ratio {row['ratio']:8.1f}"
               f"  (1-thread CPU: {spiking_cpu['min_ms']:9.2f} / {native_cpu['min_ms']:7.3f} ms)", flush=True)
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    header = (f"{'operator':9s} {'shape':20s} {'preset':7s} {'spiking ms':>11s} {'native ms':>10s} "
+    header = (f"{'operator':9s} {'shape':20s} {'preset':7s} {'form':4s} {'spiking ms':>11s} {'native ms':>10s} "
               f"{'ratio':>8s} {'cpu1 ms':>9s} {'cpu1 ratio':>10s} {'mean err':>9s} {'max err':>9s} "
               f"{'native max':>10s}")
     print(header)
     print("-" * len(header))
     for row in rows:
-        print(f"{row['kind']:9s} {str(row['shape']):20s} {row['preset']:7s} "
+        print(f"{row['kind']:9s} {str(row['shape']):20s} {row['preset']:7s} {row['form']:4s} "
               f"{row['spiking']['median_ms']:11.2f} {row['native']['median_ms']:10.3f} {row['ratio']:8.1f} "
               f"{row['spiking_cpu_1thread']['min_ms']:9.2f} {row['cpu_ratio']:10.1f} "
               f"{row['spiking_error']['mean']:9.2e} {row['spiking_error']['max']:9.2e} "
@@ -376,7 +377,7 @@ def print_table(rows: list[dict]) -> None:
         if not profile:
             continue
         top = ", ".join(f"{op} {ms:.2f}" for op, ms in list(profile["ms_per_call"].items())[:6])
-        print(f"{row['kind']} {row['preset']} {row['shape']}: {top} (ms per call)")
+        print(f"{row['kind']} {row['preset']} {row['form']} {row['shape']}: {top} (ms per call)")
 
 
 def main() -> None:
@@ -387,6 +388,8 @@ def main() -> None:
                         "a quarter of that, at least 3, for the [1, 9, 1024, 1024] scores)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed runs before timing (default 3)")
     parser.add_argument("--presets", nargs="+", default=["default", "paper"], help="precision presets to run")
+    parser.add_argument("--forms", nargs="+", default=["loop", "fast"], choices=["loop", "fast"],
+                        help="execution forms to run (default: both)")
     parser.add_argument("--kinds", nargs="+", default=sorted(set(kind for kind, _, _ in CASES)),
                         help="operator kinds to run (default: all)")
     parser.add_argument("--skip-large", action="store_true",

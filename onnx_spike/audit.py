@@ -19,7 +19,7 @@ from onnx_spike.graph import DOMAIN
 
 INTEGER_OPS = frozenset({
     "Add", "Sub", "Mul", "Neg", "Abs", "Max", "Min", "Clip", "Where", "Not", "And", "Or",
-    "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "BitShift", "Gather",
+    "Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "BitShift", "Gather", "GatherElements",
     "ReduceMax", "ReduceMin", "ReduceSum", "Cast", "Constant", "Identity", "Loop", "Shape",
     "Reshape", "Expand", "Slice", "Concat",
 })

@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict
+from functools import lru_cache
 
 import numpy as np
 
 from onnx_spike.fixedpoint import INT32_LIMIT
-from onnx_spike.graph import FunctionSpec, GraphBuilder, define_function, dtype_for_bits
+from onnx_spike.graph import FunctionSpec, GraphBuilder, define_function, dtype_for_bits, fast_form
 from onnx_spike.operators.site import DecodeBuilder, build_site, golden_site
 from onnx_spike.precision import GeluSpec, SiluSpec
 from onnx_spike.primitives import division, exp
@@ -131,6 +132,31 @@ def silu_counts(currents: np.ndarray, spec: SiluSpec, argument: np.ndarray | Non
     return np.where(currents < -half_range, np.int64(0), result)
 
 
+@lru_cache(maxsize=8)
+def sigma_table(spec: SiluSpec) -> np.ndarray:
+    """The core's q for every exp offset U in [0, K] (K = 2H * 2^f + W), by the golden steps.
+
+    q depends on x only through U, so the fast form reads it from this table with one
+    GatherElements instead of evaluating the exponential and the division per element. The
+    entries are the golden model's own values, so the two forms agree bit for bit.
+    """
+    table = exp.build_table(spec.exp, spec.input_frac_bits)
+    reach = table.span + table.width
+    offsets = np.arange(reach + 1, dtype=np.int64)
+    numerator = exp.pwl_exp(offsets - reach, table).astype(np.int64)
+    one = np.int64(1 << spec.sigmoid_frac_bits)
+    if spec.form == "symmetric":
+        denominator = numerator + np.int64(1 << spec.exp.value_bits)
+        q = division.divide(spec.division, numerator, denominator, spec.sigmoid_frac_bits, spec.rounding,
+                            _operands(spec))
+    else:
+        constant = np.int64(_paper_constant(spec))
+        q = division.divide(spec.division, np.full_like(numerator, constant), numerator + constant,
+                            spec.sigmoid_frac_bits, spec.rounding, _operands(spec))
+        q = np.minimum(q, one)
+    return q.astype(np.uint16 if spec.sigmoid_frac_bits < 16 else np.int32)
+
+
 def _silu_special(y: np.ndarray, masks: dict) -> np.ndarray:
     y = np.where(masks["nan"] | masks["neg_inf"], np.float32(np.nan), y)
     return np.where(masks["pos_inf"], np.float32(np.inf), y)
@@ -191,6 +217,25 @@ def build_silu_core(spec: SiluSpec, gelu: bool = False) -> FunctionSpec:
     one = 1 << spec.sigmoid_frac_bits
     reach = table.span + table.width  # K: offsets U run over [0, K]
 
+    lookup = fast_form()
+
+    def sigma(b: GraphBuilder, offset: str) -> str:
+        """q from the int32 exp offset: the exponential and the division, or the fast form's table."""
+        if lookup:
+            flat = b.op("Reshape", offset, b.const(np.array([-1], np.int64)))
+            q = b.op("GatherElements", b.const(sigma_table(spec)), flat, axis=0)
+            q = b.op("Reshape", b.cast(q, operands.dtype), b.op("Shape", offset), allowzero=1)
+            return q
+        (numerator,) = b.call(exp_fn, offset)
+        if spec.form == "symmetric":
+            denominator = b.op("Add", numerator, b.int_const(1 << spec.exp.value_bits, operands.dtype))
+            (q,) = b.call(divide_fn, numerator, denominator)
+            return q
+        constant = b.int_const(_paper_constant(spec), operands.dtype)
+        constants = b.op("Expand", constant, b.op("Shape", numerator))
+        (q,) = b.call(divide_fn, constants, b.op("Add", numerator, constant))
+        return b.op("Min", q, b.int_const(one, operands.dtype))
+
     def body(b: GraphBuilder, inputs: list[str]) -> list[str]:
         (currents,) = inputs
         magnitude = b.op("Abs", currents)
@@ -200,9 +245,7 @@ def build_silu_core(spec: SiluSpec, gelu: bool = False) -> FunctionSpec:
             argument = b.call(argument_fn, magnitude)[0] if argument_fn else magnitude
             # U = K - |z| >= K - 2^31 + 128, inside int32.
             offset = b.op("Max", b.op("Sub", b.int_const(reach, "int32"), argument), b.int_const(0, "int32"))
-            (numerator,) = b.call(exp_fn, offset)
-            denominator = b.op("Add", numerator, b.int_const(1 << spec.exp.value_bits, dtype))
-            (q,) = b.call(divide_fn, numerator, denominator)
+            q = sigma(b, offset)
             # q for x < 0 and 2^s - q for x >= 0 (either for x = 0, where a = 0): |[x > 0] * 2^s - q|.
             positive = b.op("Clip", currents, b.int_const(0, "int32"), b.int_const(1, "int32"))
             upper = b.op("Mul", positive if dtype == "int32" else b.cast(positive, dtype), b.int_const(one, dtype))
@@ -214,17 +257,13 @@ def build_silu_core(spec: SiluSpec, gelu: bool = False) -> FunctionSpec:
         raised = b.op("Clip", currents, b.int_const(-half_range, "int32"),
                       b.int_const(half_range + table.width, "int32"))
         offset = b.op("Sub", b.int_const(half_range + table.width, "int32"), raised)
-        (numerator,) = b.call(exp_fn, offset)
-        constant = b.int_const(_paper_constant(spec), dtype)
-        constants = b.op("Expand", constant, b.op("Shape", numerator))
-        (q,) = b.call(divide_fn, constants, b.op("Add", numerator, constant))
-        q = b.op("Min", q, b.int_const(one, dtype))
+        q = sigma(b, offset)
         # y = 0 below -H.
         inside = b.cast(b.op("GreaterOrEqual", currents, b.int_const(-half_range, "int32")), dtype)
         q = b.op("Mul", q, inside)
         return [_signed_output(b, currents, magnitude, q, shift, spec.rounding, out_dtype)]
 
-    calls = [exp_fn, divide_fn] + ([argument_fn] if argument_fn else [])
+    calls = ([] if lookup else [exp_fn, divide_fn]) + ([argument_fn] if argument_fn else [])
     kind = "GeluCore" if gelu else "SiluCore"
     return define_function(kind, asdict(spec), ["X"], 1, body, calls=calls,
                            doc="Integer x * sigma(z) from PWL-Exp and a division neuron per element.")

@@ -16,7 +16,7 @@ minus elements of the output for ReduceSum, ReduceMax and ReduceMin):
 - compare: GreaterOrEqual, Greater, Less, LessOrEqual, Equal, Max, Min, ReduceMax,
   ReduceMin, and Clip (one comparison per bound given).
 - shift: BitShift, and Add(x, x).
-- lut: Gather (one table read per output element).
+- lut: Gather and GatherElements (one table read per output element).
 - logic: Not, And, Or, Xor, Where, IsNaN, IsInf and Round.
 - mul_shift_add, the integer products: a product with a constant costs popcount(|c|)
   shift-and-add accumulates. A product of two run-time values costs min(popcount(|a|),
@@ -80,7 +80,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
-from onnx.reference.op_run import OpFunction
+from onnx.reference.op_run import OpFunction, OpRun
 from tqdm.auto import tqdm
 
 from onnx_spike.audit import is_boundary
@@ -214,11 +214,33 @@ def _is_mask(values: np.ndarray) -> bool:
     return values.size > 0 and bool(np.all((values == 0) | (np.abs(values) == 1)))
 
 
+class GatherElements(OpRun):  # onnx keys a replacement op by its class name
+    """GatherElements for the reference evaluator.
+
+    onnx's own implementation uses `numpy.choose`, which accepts at most 64 table entries; the
+    exponential's table has K + 2.
+    """
+
+    op_domain = ""
+
+    def _run(self, data, indices, axis=None):
+        axis = 0 if axis is None else axis
+        indices = np.where(indices < 0, indices + data.shape[axis], indices)
+        return (np.take_along_axis(data, indices, axis=axis),)
+
+
+class _Evaluator(ReferenceEvaluator):
+    """ReferenceEvaluator with `GatherElements`, also in the evaluators it builds for functions."""
+
+    def __init__(self, proto, *args, new_ops=None, **kwargs):
+        super().__init__(proto, *args, new_ops=[GatherElements, *(new_ops or [])], **kwargs)
+
+
 class CountingEvaluator:
     """A ReferenceEvaluator of one site model whose nodes tally the counting rules as they run."""
 
     def __init__(self, model: onnx.ModelProto):
-        self.evaluator = ReferenceEvaluator(model)
+        self.evaluator = _Evaluator(model)
         self._counts = SiteCounts()
         self._loop_runs: dict[int, int] = {}
         self._instrument(self.evaluator, function="", constants=frozenset(), in_loop=False, seen=set())
@@ -308,7 +330,7 @@ class CountingEvaluator:
             category, amount = "compare", size * bounds
         elif op == "BitShift":
             category, amount = "shift", size
-        elif op == "Gather":
+        elif op in ("Gather", "GatherElements"):
             category, amount = "lut", size
         elif op in _LOGIC_OPS:
             category, amount = "logic", size

@@ -182,7 +182,11 @@ def build_pwl_exp(spec: ExpSpec, input_frac_bits: int, out_dtype: str = "int64")
         if packed.magic != 1:
             segment = b.shr_int(b.op("Mul", segment, b.int_const(packed.magic, "int32")), packed.magic_shift, "int32")
         within = b.cast(b.op("Sub", offset, b.op("Mul", segment, b.int_const(table.width, "int32"))), "int64")
-        entry = b.op("Gather", b.const(packed.entries), segment)
+        # GatherElements on the flattened segments reads the same entries as Gather, 6 times faster
+        # in onnxruntime 1.32 (docs/benchmarks.md).
+        flat = b.op("Reshape", segment, b.const(np.array([-1], np.int64)))
+        entry = b.op("GatherElements", b.const(packed.entries), flat, axis=0)
+        entry = b.op("Reshape", entry, b.op("Shape", offset), allowzero=1)
 
         if packed.slope_high:
             slope = b.shr_int(entry, packed.field_shift, "int64")
