@@ -18,7 +18,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 WORKER = r"""
@@ -105,10 +104,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="worker rounds per model, alternating models (2)")
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads (2)")
     parser.add_argument("--decode-context", type=int, default=128, help="context length for decode timing (128)")
+    parser.add_argument("--load-only", action="store_true",
+                        help="only load each model (--rounds times) and report the RSS after loading")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
 
-    lengths = [int(v) for v in args.lengths.split(",")]
+    lengths = [] if args.load_only else [int(v) for v in args.lengths.split(",")]
+    context = 0 if args.load_only else args.decode_context
     models = {"float": args.original}
     for item in args.converted:
         label, _, path = item.partition("=")
@@ -118,12 +120,13 @@ def main() -> None:
     for round_index in range(args.rounds):
         for label, path in models.items():
             print(f"round {round_index + 1}/{args.rounds}: {label}", file=sys.stderr)
-            samples[label].append(run_worker(path, lengths, args.repeats, args.threads, args.decode_context))
+            samples[label].append(run_worker(path, lengths, args.repeats, args.threads, context))
 
     summary = {}
     for label, runs in samples.items():
-        entry = {"prefill_ms": {}, "rss_peak_mb": max(r["rss_peak_kb"] for r in runs) / 1024,
-                 "rss_loaded_mb": max(r["rss_loaded_kb"] for r in runs) / 1024,
+        # Medians: the RSS after loading the same model varied by up to 30% between processes.
+        entry = {"prefill_ms": {}, "rss_peak_mb": statistics.median(r["rss_peak_kb"] for r in runs) / 1024,
+                 "rss_loaded_mb": statistics.median(r["rss_loaded_kb"] for r in runs) / 1024,
                  "load_seconds": statistics.median(r["load_seconds"] for r in runs)}
         for length in lengths:
             times = [t for r in runs for t in r["prefill"][str(length)]]
@@ -134,7 +137,7 @@ def main() -> None:
 
     base = summary["float"]
     header = f"{'model':<10} " + " ".join(f"{'prefill ' + str(n):>14} {'ratio':>6}" for n in lengths)
-    header += f" {'decode':>9} {'ratio':>6} {'peak RSS':>9} {'ratio':>6}"
+    header += f" {'decode':>9} {'ratio':>6} {'loaded RSS':>10} {'ratio':>6} {'peak RSS':>9} {'ratio':>6}"
     print(header)
     for label, entry in summary.items():
         row = f"{label:<10} "
@@ -143,6 +146,9 @@ def main() -> None:
             row += f"{value:>11.1f} ms {value / base['prefill_ms'][str(length)]:>6.2f} "
         if entry["decode_ms"] is not None:
             row += f"{entry['decode_ms']:>6.1f} ms {entry['decode_ms'] / base['decode_ms']:>6.2f}"
+        else:
+            row += " " * 17
+        row += f" {entry['rss_loaded_mb']:>7.0f} MB {entry['rss_loaded_mb'] / base['rss_loaded_mb']:>6.2f}"
         row += f" {entry['rss_peak_mb']:>6.0f} MB {entry['rss_peak_mb'] / base['rss_peak_mb']:>6.2f}"
         print(row)
     if args.json:

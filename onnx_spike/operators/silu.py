@@ -134,7 +134,7 @@ def silu_counts(currents: np.ndarray, spec: SiluSpec, argument: np.ndarray | Non
 
 @lru_cache(maxsize=8)
 def sigma_table(spec: SiluSpec) -> np.ndarray:
-    """The core's q for every exp offset U in [0, K] (K = 2H * 2^f + W), by the golden steps.
+    """Return the core's q for every exp offset U in [0, K] (K = 2H * 2^f + W), by the golden steps.
 
     q depends on x only through U, so the fast form reads it from this table with one
     GatherElements instead of evaluating the exponential and the division per element. The
@@ -220,7 +220,7 @@ def build_silu_core(spec: SiluSpec, gelu: bool = False) -> FunctionSpec:
     lookup = fast_form()
 
     def sigma(b: GraphBuilder, offset: str) -> str:
-        """q from the int32 exp offset: the exponential and the division, or the fast form's table."""
+        """Compute q from the int32 exp offset: the exponential and the division, or the fast form's table."""
         if lookup:
             flat = b.op("Reshape", offset, b.const(np.array([-1], np.int64)))
             q = b.op("GatherElements", b.const(sigma_table(spec)), flat, axis=0)

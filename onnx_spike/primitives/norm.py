@@ -29,7 +29,7 @@ import math
 import numpy as np
 import onnx
 
-from onnx_spike.graph import FunctionSpec, GraphBuilder, define_function
+from onnx_spike.graph import FunctionSpec, GraphBuilder, define_function, fast_form
 from onnx_spike.neuron import U64
 
 LEAF_BITS = 40
@@ -100,27 +100,38 @@ def build_polar_norm(dim: int, eps_leaf: int, iterations: int) -> FunctionSpec:
 
     The values are those of the golden model's uint64 state, all below 2^62. Each merge keeps
     x in uint64, where it is only shifted and added to, and y in int64, which `Abs` needs, so
-    that one Cast per shift remains. The iterations are unrolled with constant shifts in both
-    execution forms: CORDIC is a shift-and-add primitive, not neuron dynamics. In onnxruntime
-    1.32 this ran 5% faster than int64 state with two casts around each shift, and 14% faster
-    than uint64 state with Max and Min for |y - x'|. A Loop per merge level cost 0.8 ms more
-    per [128, 576] norm, and each Loop body adds a session of its own to the loaded model's
-    memory (docs/benchmarks.md).
+    that one Cast per shift remains. In onnxruntime 1.32 this ran 5% faster than int64 state
+    with two casts around each shift, and 14% faster than uint64 state with Max and Min for
+    |y - x'|. The loop form runs the iterations of a merge level in a Loop. The fast form
+    unrolls them with constant shifts, about 0.5 ms faster per [128, 576] norm, but its
+    thousands of nodes take about 190 MB more memory in a loaded SmolLM2 (docs/benchmarks.md).
     """
     check_range(dim, iterations)
+    unsigned = onnx.TensorProto.UINT64
+    signed = onnx.TensorProto.INT64
+
+    def iterate(b: GraphBuilder, x: str, y: str, amount: str) -> tuple[str, str]:
+        y_step = b.op("BitShift", b.op("Cast", y, to=unsigned), amount, direction="RIGHT")
+        x_step = b.op("Cast", b.op("BitShift", x, amount, direction="RIGHT"), to=signed)
+        return b.op("Add", x, y_step), b.op("Abs", b.op("Sub", y, x_step))
 
     def merge(b: GraphBuilder, x: str, y: str) -> str:
-        # Step k = 0 shifts by nothing.
+        # Step k = 0 shifts by nothing, so it runs first without the shifts.
         x, y = b.op("Add", x, y), b.op("Abs", b.op("Sub", y, x))
         if iterations == 1:
             return x
-        x = b.op("Cast", x, to=onnx.TensorProto.UINT64)
-        for k in range(1, iterations):
-            amount = b.const(np.uint64(k))
-            y_step = b.op("BitShift", b.op("Cast", y, to=onnx.TensorProto.UINT64), amount, direction="RIGHT")
-            x_step = b.op("Cast", b.op("BitShift", x, amount, direction="RIGHT"), to=onnx.TensorProto.INT64)
-            x, y = b.op("Add", x, y_step), b.op("Abs", b.op("Sub", y, x_step))
-        return b.op("Cast", x, to=onnx.TensorProto.INT64)
+        x = b.op("Cast", x, to=unsigned)
+        if fast_form():
+            for k in range(1, iterations):
+                x, y = iterate(b, x, y, b.const(np.uint64(k)))
+        else:
+
+            def step(s: GraphBuilder, iteration: str, state: list[str]) -> list[str]:
+                amount = s.op("Cast", s.op("Add", iteration, s.i64(1)), to=unsigned)
+                return list(iterate(s, *state, amount))
+
+            x, y = b.loop(iterations - 1, [x, y], step, name_hint="cordic")
+        return b.op("Cast", x, to=signed)
 
     def body(b: GraphBuilder, inputs: list[str]) -> list[str]:
         (magnitudes,) = inputs
