@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 WORKER = r"""
-import json, resource, sys, time
+import ctypes, json, resource, sys, time
 import numpy as np
 import onnxruntime as ort
 sys.path.insert(0, {repo!r})
@@ -33,6 +33,20 @@ started = time.perf_counter()
 session = make_session(path, threads)
 load_seconds = time.perf_counter() - started
 rss_loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def rss_now_kb():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+
+
+# What the session keeps: the resident set after glibc returns its free pages to the system.
+# Without the trim the same model's RSS after loading differed by up to 280 MB between processes.
+try:
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    rss_retained = rss_now_kb()
+except (OSError, AttributeError):
+    rss_retained = None
 rng = np.random.default_rng(0)
 result = {{"load_seconds": load_seconds, "prefill": {{}}, "decode": None}}
 for length in lengths:
@@ -66,6 +80,7 @@ if presents and decode_context:
         times.append(time.perf_counter() - t)
     result["decode"] = {{"context": decode_context, "times": times}}
 result["rss_loaded_kb"] = rss_loaded
+result["rss_retained_kb"] = rss_retained
 result["rss_peak_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 result["rss_start_kb"] = rss_start
 print("RESULT" + json.dumps(result))
@@ -127,6 +142,8 @@ def main() -> None:
         # Medians: the RSS after loading the same model varied by up to 30% between processes.
         entry = {"prefill_ms": {}, "rss_peak_mb": statistics.median(r["rss_peak_kb"] for r in runs) / 1024,
                  "rss_loaded_mb": statistics.median(r["rss_loaded_kb"] for r in runs) / 1024,
+                 "rss_retained_mb": (statistics.median(r["rss_retained_kb"] for r in runs) / 1024
+                                     if all(r.get("rss_retained_kb") for r in runs) else None),
                  "load_seconds": statistics.median(r["load_seconds"] for r in runs)}
         for length in lengths:
             times = [t for r in runs for t in r["prefill"][str(length)]]
@@ -137,7 +154,8 @@ def main() -> None:
 
     base = summary["float"]
     header = f"{'model':<10} " + " ".join(f"{'prefill ' + str(n):>14} {'ratio':>6}" for n in lengths)
-    header += f" {'decode':>9} {'ratio':>6} {'loaded RSS':>10} {'ratio':>6} {'peak RSS':>9} {'ratio':>6}"
+    header += (f" {'decode':>9} {'ratio':>6} {'retained':>10} {'ratio':>6} {'loaded RSS':>10} {'ratio':>6}"
+               f" {'peak RSS':>9} {'ratio':>6}")
     print(header)
     for label, entry in summary.items():
         row = f"{label:<10} "
@@ -146,6 +164,10 @@ def main() -> None:
             row += f"{value:>11.1f} ms {value / base['prefill_ms'][str(length)]:>6.2f} "
         if entry["decode_ms"] is not None:
             row += f"{entry['decode_ms']:>6.1f} ms {entry['decode_ms'] / base['decode_ms']:>6.2f}"
+        else:
+            row += " " * 17
+        if entry["rss_retained_mb"] and base["rss_retained_mb"]:
+            row += f" {entry['rss_retained_mb']:>7.0f} MB {entry['rss_retained_mb'] / base['rss_retained_mb']:>6.2f}"
         else:
             row += " " * 17
         row += f" {entry['rss_loaded_mb']:>7.0f} MB {entry['rss_loaded_mb'] / base['rss_loaded_mb']:>6.2f}"

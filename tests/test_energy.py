@@ -300,3 +300,17 @@ def test_validate_cli_writes_histograms(exported, converted, text_file, tmp_path
     assert cli.main(argv) == 0
     assert sorted(path.name for path in folder.iterdir()) == ["rmsnorm.png", "silu.png", "softmax.png"]
     assert "above bound" in capsys.readouterr().out
+
+
+def test_gather_elements_large_table():
+    # onnx's own GatherElements accepts at most 64 entries, and the exp table has K + 2.
+    table = np.arange(1026, dtype=np.int64) * 3
+    indices = np.array([0, 63, 64, 1025, 700], dtype=np.int64)
+    node = helper.make_node("GatherElements", ["T", "I"], ["Y"], axis=0)
+    graph = helper.make_graph(
+        [node], "gather", [helper.make_tensor_value_info("I", onnx.TensorProto.INT64, [5])],
+        [helper.make_tensor_value_info("Y", onnx.TensorProto.INT64, [5])],
+        [onnx.numpy_helper.from_array(table, "T")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    (result,) = energy._Evaluator(model).run(None, {"I": indices})
+    np.testing.assert_array_equal(result, table[indices])

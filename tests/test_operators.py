@@ -274,7 +274,7 @@ def test_fast_form_bit_identical_to_loop_form(kind, preset_name):
     fast_model = operator_model(kind, precision, shape, form="fast")
     fast_ops = {node.op_type for function in fast_model.functions for node in function.node}
     assert "Loop" not in fast_ops
-    # SiLU and GELU read sigma from a table of the golden values; the others divide with Div.
+    # SiLU and GELU read sigma from a table of the golden values. The others divide with Div.
     assert "GatherElements" in fast_ops if kind in ("silu", "gelu") else "Div" in fast_ops
     assert audit.violations(fast_model) == []
     onnx.checker.check_model(fast_model, full_check=True)
@@ -283,6 +283,18 @@ def test_fast_form_bit_identical_to_loop_form(kind, preset_name):
         fast_out = make_session(fast_model).run(None, {"X": x})[0]
         np.testing.assert_array_equal(fast_out, loop_out)
         np.testing.assert_array_equal(fast_out, golden(kind, x, precision))
+
+
+@pytest.mark.parametrize("kind", ["silu", "gelu"])
+def test_sigma_table_every_offset(kind):
+    # Every input on the grid 2^-16 from -(2H + 1/64) to +(2H + 1/64). For SiLU these reach every
+    # exp offset U of the default preset, on both signs. GELU reads the offsets of its argument.
+    precision = preset("default")
+    reach = 16 * 2**16 + 1024
+    x = (np.arange(-reach - 8, reach + 9, dtype=np.int64) / 2.0**16).astype(np.float32)[None, :]
+    fast_model = operator_model(kind, precision, [1, x.shape[1]], form="fast")
+    fast_out = make_session(fast_model).run(None, {"X": x})[0]
+    np.testing.assert_array_equal(fast_out, golden(kind, x, precision))
 
 
 def test_audit_rejects_div_in_loop_form():

@@ -103,8 +103,8 @@ def build_polar_norm(dim: int, eps_leaf: int, iterations: int) -> FunctionSpec:
     that one Cast per shift remains. In onnxruntime 1.32 this ran 5% faster than int64 state
     with two casts around each shift, and 14% faster than uint64 state with Max and Min for
     |y - x'|. The loop form runs the iterations of a merge level in a Loop. The fast form
-    unrolls them with constant shifts, about 0.5 ms faster per [128, 576] norm, but its
-    thousands of nodes take about 190 MB more memory in a loaded SmolLM2 (docs/benchmarks.md).
+    unrolls them with constant shifts, up to 0.5 ms faster per [128, 576] norm, but its
+    thousands of nodes take about 125 MB more memory in a loaded SmolLM2 (docs/benchmarks.md).
     """
     check_range(dim, iterations)
     unsigned = onnx.TensorProto.UINT64
