@@ -27,6 +27,8 @@ from onnx_spike.pipeline import convert as pipeline_convert
 from onnx_spike.pipeline.convert import convert_path
 from onnx_spike.pipeline.runtime import make_session
 
+from tiny_llama import save_one_layer_llama
+
 # ------------------------------------------------------------------ helpers
 
 
@@ -98,19 +100,14 @@ def model_file(tmp_path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_export(tmp_path_factory) -> Path:
     """A 1-layer Llama exported by Optimum, weights inside model.onnx, with a tokenizer."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("optimum.onnxruntime")
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from onnx_spike.pipeline.export import export_model
 
-    source = tmp_path_factory.mktemp("hf")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    LlamaForCausalLM(config).eval().save_pretrained(source)
+    source = save_one_layer_llama(tmp_path_factory)
     vocab = {token: i for i, token in enumerate(["<unk>", "<s>", "</s>", "<pad>", "."] +
                                                  [f"w{i}" for i in range(59)])}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))

@@ -28,6 +28,7 @@ from onnx_spike.pipeline.runtime import make_session, spiking_sites, window_feed
 from onnx_spike.precision import preset
 
 from conftest import make_session as session_of, run_operator
+from tiny_llama import save_one_layer_llama
 
 PRESETS = ("default", "paper")
 FLOAT32_MIN = np.finfo(np.float32).min
@@ -154,18 +155,11 @@ HUGE = 1e5  # above the static RMSNorm encode limit 2^(40 - 24) = 65536
 @pytest.fixture(scope="module")
 def tiny_exports(tmp_path_factory) -> dict[str, Path]:
     """A 1-layer Llama with a key/value cache, exported by Optimum in fp32 and fp16."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("optimum.onnxruntime")
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from onnx_spike.pipeline.export import export_model
 
-    source = tmp_path_factory.mktemp("hf")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    LlamaForCausalLM(config).eval().save_pretrained(source)
+    source = save_one_layer_llama(tmp_path_factory)
     exports = tmp_path_factory.mktemp("onnx")
     return {dtype: export_model(source, exports / dtype, dtype=dtype, progress=False) for dtype in ("fp32", "fp16")}
 

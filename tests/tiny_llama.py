@@ -28,6 +28,20 @@ def word_tokenizer():
                                    pad_token="<pad>", model_input_names=["input_ids", "attention_mask"])
 
 
+def save_one_layer_llama(tmp_path_factory):
+    """Save a seeded 1-layer Llama with a 64-token vocabulary and return its folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("hf")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    LlamaForCausalLM(config).eval().save_pretrained(folder)
+    return folder
+
+
 def export_tiny_llama(tmp_path_factory, tokenizer):
     """Save a seeded 2-layer Llama with `tokenizer` and export it with Optimum; return the folder."""
     import torch

@@ -101,6 +101,19 @@ def _gelu_constants() -> tuple[int, int]:
     return (round(GELU_SLOPE * 2**_GELU_CONST_BITS), round(GELU_SLOPE * GELU_CUBIC * 2**_GELU_CONST_BITS))
 
 
+def sigma_counts(exponential: np.ndarray, spec: SiluSpec) -> np.ndarray:
+    """Return the core's q from E = PWLExp(t): E / (2^P + E) (symmetric) or C / (C + E) (paper)."""
+    exponential = exponential.astype(np.int64)
+    if spec.form == "symmetric":
+        denominator = exponential + np.int64(1 << spec.exp.value_bits)
+        return division.divide(spec.division, exponential, denominator, spec.sigmoid_frac_bits, spec.rounding,
+                               _operands(spec))
+    constant = np.int64(_paper_constant(spec))
+    q = division.divide(spec.division, np.full_like(exponential, constant), exponential + constant,
+                        spec.sigmoid_frac_bits, spec.rounding, _operands(spec))
+    return np.minimum(q, np.int64(1 << spec.sigmoid_frac_bits))
+
+
 def silu_counts(currents: np.ndarray, spec: SiluSpec, argument: np.ndarray | None = None) -> np.ndarray:
     """Golden integer core: currents -> int64 output with n fractional bits.
 
@@ -111,23 +124,15 @@ def silu_counts(currents: np.ndarray, spec: SiluSpec, argument: np.ndarray | Non
     negative = currents < 0
     magnitude = np.abs(currents)
     shift = _output_shift(spec)
-    one = np.int64(1 << spec.sigmoid_frac_bits)
 
     if spec.form == "symmetric":
         z = np.abs(currents if argument is None else argument.astype(np.int64))
-        numerator = exp.pwl_exp(-z, table).astype(np.int64)
-        denominator = numerator + np.int64(1 << spec.exp.value_bits)
-        q = division.divide(spec.division, numerator, denominator, spec.sigmoid_frac_bits, spec.rounding,
-                            _operands(spec))
-        factor = np.where(negative, q, one - q)
+        q = sigma_counts(exp.pwl_exp(-z, table), spec)
+        factor = np.where(negative, q, np.int64(1 << spec.sigmoid_frac_bits) - q)
         return _round_magnitude(magnitude * factor, negative, shift, spec.rounding)
 
     half_range = int(spec.exp.half_range * 2**spec.input_frac_bits)
-    numerator = exp.pwl_exp(-currents - half_range, table).astype(np.int64)
-    constant = np.int64(_paper_constant(spec))
-    q = division.divide(spec.division, np.full_like(numerator, constant), numerator + constant,
-                        spec.sigmoid_frac_bits, spec.rounding, _operands(spec))
-    q = np.minimum(q, one)
+    q = sigma_counts(exp.pwl_exp(-currents - half_range, table), spec)
     result = _round_magnitude(magnitude * q, negative, shift, spec.rounding)
     return np.where(currents < -half_range, np.int64(0), result)
 
@@ -143,17 +148,7 @@ def sigma_table(spec: SiluSpec) -> np.ndarray:
     table = exp.build_table(spec.exp, spec.input_frac_bits)
     reach = table.span + table.width
     offsets = np.arange(reach + 1, dtype=np.int64)
-    numerator = exp.pwl_exp(offsets - reach, table).astype(np.int64)
-    one = np.int64(1 << spec.sigmoid_frac_bits)
-    if spec.form == "symmetric":
-        denominator = numerator + np.int64(1 << spec.exp.value_bits)
-        q = division.divide(spec.division, numerator, denominator, spec.sigmoid_frac_bits, spec.rounding,
-                            _operands(spec))
-    else:
-        constant = np.int64(_paper_constant(spec))
-        q = division.divide(spec.division, np.full_like(numerator, constant), numerator + constant,
-                            spec.sigmoid_frac_bits, spec.rounding, _operands(spec))
-        q = np.minimum(q, one)
+    q = sigma_counts(exp.pwl_exp(offsets - reach, table), spec)
     return q.astype(np.uint16 if spec.sigmoid_frac_bits < 16 else np.int32)
 
 
@@ -224,8 +219,7 @@ def build_silu_core(spec: SiluSpec, gelu: bool = False) -> FunctionSpec:
         if lookup:
             flat = b.op("Reshape", offset, b.const(np.array([-1], np.int64)))
             q = b.op("GatherElements", b.const(sigma_table(spec)), flat, axis=0)
-            q = b.op("Reshape", b.cast(q, operands.dtype), b.op("Shape", offset), allowzero=1)
-            return q
+            return b.op("Reshape", b.cast(q, operands.dtype), b.op("Shape", offset), allowzero=1)
         (numerator,) = b.call(exp_fn, offset)
         if spec.form == "symmetric":
             denominator = b.op("Add", numerator, b.int_const(1 << spec.exp.value_bits, operands.dtype))

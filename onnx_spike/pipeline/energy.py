@@ -217,8 +217,8 @@ def _is_mask(values: np.ndarray) -> bool:
 class GatherElements(OpRun):  # onnx keys a replacement op by its class name
     """GatherElements for the reference evaluator.
 
-    onnx's own implementation uses `numpy.choose`, which accepts at most 64 table entries; the
-    exponential's table has K + 2.
+    onnx's own implementation uses `numpy.choose`, which accepts at most 64 table entries, and
+    the exponential's table has K + 2.
     """
 
     op_domain = ""

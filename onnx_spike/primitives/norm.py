@@ -14,8 +14,8 @@ shift-and-add of the bits of G, so every leaf reaches the root with the same gai
 D = ceil(log2(d + 1)).
 
 Integer state: leaves <= 2^40; every tree value <= G^D * sqrt(d + 1) * 2^40, checked below
-2^62 when the function is built (d up to about 2^17). The golden model keeps them in uint64;
-the ONNX function keeps x in uint64 and y in int64 within a merge, and the levels in int64.
+2^62 when the function is built (d up to about 2^17). The golden model keeps them in uint64.
+The ONNX function keeps x in uint64 and y in int64 within a merge, and the levels in int64.
 
 Error: each merge is within about 2^(-2*iterations + 1) relative of G * hypot, so the root is
 within about D * 2^(-2*iterations + 1) relative of G^D * ||v||, plus the truncation of the
